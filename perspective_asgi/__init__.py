@@ -1,0 +1,31 @@
+"""Serve Perspective over websockets from any Python web stack.
+
+The core (``SessionBridge``) bridges a ``perspective.Server`` session to one websocket; the
+adapters in ``perspective_asgi.adapters`` fit it to raw ASGI, Starlette/FastAPI, Tornado and
+aiohttp. Framework imports happen only in those adapter modules.
+"""
+
+from __future__ import annotations
+
+from ._codes import CloseCode
+from ._config import Settings
+from ._exceptions import ConnectionClosed, PerspectiveASGIError, ProtocolError
+from ._origin import origin_allowed
+from ._session import SessionBridge, SessionState
+from ._types import Transport
+from .adapters.asgi import PerspectiveASGIApp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CloseCode",
+    "ConnectionClosed",
+    "PerspectiveASGIApp",
+    "PerspectiveASGIError",
+    "ProtocolError",
+    "SessionBridge",
+    "SessionState",
+    "Settings",
+    "Transport",
+    "origin_allowed",
+]

@@ -1,0 +1,96 @@
+"""ASGI websocket plumbing shared by the raw ASGI and Starlette adapters.
+
+ASGI is a specification, not a framework: this module speaks the message dictionaries of the
+ASGI 3 websocket protocol and imports nothing beyond the core.
+"""
+
+from __future__ import annotations
+
+from ._config import Settings
+from ._exceptions import ConnectionClosed
+from ._origin import origin_allowed
+from ._session import SessionBridge
+from ._types import Frame, Receive, Scope, Send, SessionFactory
+
+
+def scope_header(scope: Scope, name: bytes) -> str | None:
+    """Return the first value of header ``name`` (lowercase bytes) in an ASGI scope."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class ASGITransport:
+    """A ``Transport`` over an accepted ASGI websocket's ``receive`` and ``send``."""
+
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        disconnect_errors: tuple[type[BaseException], ...] = (OSError,),
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        # The ASGI spec has servers raise an OSError subclass on a send to a closed socket;
+        # frameworks wrap it in their own error (Starlette's WebSocketDisconnect).
+        self._disconnect_errors = disconnect_errors
+
+    async def receive(self) -> Frame:
+        message = await self._receive()
+        kind = message["type"]
+        if kind == "websocket.receive":
+            data: Frame | None = message.get("bytes")
+            if data is None:
+                data = message.get("text")
+            if data is None:
+                raise RuntimeError('"websocket.receive" message with neither bytes nor text')
+            return data
+        if kind == "websocket.disconnect":
+            raise ConnectionClosed(message.get("code", 1005), message.get("reason") or "")
+        raise RuntimeError(f'Expected "websocket.receive" or "websocket.disconnect", got {kind!r}')
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._send({"type": "websocket.send", "bytes": data})
+        except self._disconnect_errors as exc:
+            raise ConnectionClosed(1006, "connection lost while sending") from exc
+
+    async def close(self, code: int, reason: str) -> None:
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except (RuntimeError, *self._disconnect_errors):  # type: ignore[misc]
+            pass  # Already closed by the peer or the server: nothing left to tell it.
+
+
+async def serve_websocket(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    factory: SessionFactory,
+    settings: Settings,
+    *,
+    disconnect_errors: tuple[type[BaseException], ...] = (OSError,),
+) -> SessionBridge | None:
+    """Run the handshake and then a session on one ASGI websocket connection.
+
+    Returns the finished ``SessionBridge``, or ``None`` if the handshake was refused or the
+    client left before it completed.
+    """
+    message = await receive()
+    if message["type"] == "websocket.disconnect":
+        return None
+    if message["type"] != "websocket.connect":
+        raise RuntimeError(f'Expected "websocket.connect", got {message["type"]!r}')
+    origin = scope_header(scope, b"origin")
+    if not origin_allowed(origin, scope_header(scope, b"host"), settings):
+        # A close before the accept is sent as an HTTP 403 by every ASGI server.
+        await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed"})
+        return None
+    await send({"type": "websocket.accept"})
+    client = scope.get("client")
+    peer = None if client is None else f"{client[0]}:{client[1]}"
+    bridge = SessionBridge(factory, settings, peer=peer)
+    await bridge.run(ASGITransport(receive, send, disconnect_errors))
+    return bridge
+

@@ -1,0 +1,75 @@
+"""Settings shared by every adapter: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ._wire import CHEAP_REQUEST_KINDS
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """How the core treats one websocket connection; the defaults suit a dashboard server."""
+
+    #: Largest inbound message in bytes; a larger one closes the connection with 1009.
+    #: 64 MiB admits a sizeable table upload while bounding what one client can make us buffer.
+    #: The web server's own limit (uvicorn ``ws_max_size``, 16 MiB by default) applies first.
+    max_message_size: int = 64 * MiB
+
+    #: Bytes of responses and update notifications waiting for a slow client. A request's reply
+    #: is always admitted into an empty queue whatever its size, and requests are not processed
+    #: while replies are waiting, so only pushed updates can overflow it; when they do, the
+    #: connection is closed with 1013 and everything it held is freed.
+    max_send_queue_bytes: int = 16 * MiB
+
+    #: Inbound messages read ahead of the one being processed. When full, the connection stops
+    #: reading, so TCP pushes back on a client that pipelines faster than the engine answers.
+    max_pending_requests: int = 8
+
+    #: Origins allowed besides same-origin browser pages and clients sending no ``Origin`` at all,
+    #: e.g. ``{"https://dash.example.com"}``; ``{"*"}`` allows every origin.
+    allowed_origins: frozenset[str] = field(default_factory=frozenset)
+
+    #: Accept handshakes with no ``Origin`` header (scripts, the Python and Node clients).
+    allow_missing_origin: bool = True
+
+    #: Request kinds (``Request.client_req`` field numbers) answered on the event loop instead of
+    #: in a worker thread. Their engine cost is a few microseconds, less than a thread hop.
+    inline_request_kinds: frozenset[int] = CHEAP_REQUEST_KINDS
+
+    #: Worker threads running requests across all connections of one adapter instance; each
+    #: connection still runs one request at a time, in order.
+    max_request_threads: int = 8
+
+    #: Run requests on this executor instead of anyio's worker threads (asyncio only).
+    executor: concurrent.futures.Executor | None = None
+
+    #: Seconds allowed for a closing handshake before the adapter drops the connection.
+    close_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_size", "max_send_queue_bytes", "max_pending_requests",
+                     "max_request_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.close_timeout > 0:
+            raise ValueError(f"close_timeout must be positive, got {self.close_timeout!r}")
+        if isinstance(self.allowed_origins, str):
+            raise ValueError("allowed_origins must be a collection of origins, not a string")
+        object.__setattr__(self, "allowed_origins", _normalise_origins(self.allowed_origins))
+        object.__setattr__(self, "inline_request_kinds", frozenset(self.inline_request_kinds))
+
+
+def _normalise_origins(origins: Iterable[str]) -> frozenset[str]:
+    # Browsers send the origin in lowercase without a trailing slash; compare in that form.
+    normalised = set()
+    for origin in origins:
+        if not isinstance(origin, str) or not origin:
+            raise ValueError(f"allowed_origins entries must be non-empty strings, got {origin!r}")
+        normalised.add(origin if origin == "*" else origin.lower().rstrip("/"))
+    return frozenset(normalised)

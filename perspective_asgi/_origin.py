@@ -1,0 +1,38 @@
+"""The same-origin rule applied to every websocket handshake before it is accepted.
+
+Browsers attach cookies and HTTP auth to cross-site websocket handshakes, and no CORS check
+protects a websocket; so a page on any site could drive a user's Perspective session unless
+the server compares the ``Origin`` header with its own host.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from ._config import Settings
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _host_port(netloc: str, scheme: str) -> tuple[str, int | None]:
+    parsed = urlsplit(f"{scheme}://{netloc}")
+    try:
+        port = parsed.port
+    except ValueError:
+        return netloc.lower(), None
+    return (parsed.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme)
+
+
+def origin_allowed(origin: str | None, host: str | None, settings: Settings) -> bool:
+    """Return whether a handshake with this ``Origin`` and ``Host`` header may be accepted."""
+    if origin is None:
+        return settings.allow_missing_origin
+    normalised = origin.strip().lower().rstrip("/")
+    if "*" in settings.allowed_origins or normalised in settings.allowed_origins:
+        return True
+    parts = urlsplit(normalised)
+    if parts.scheme not in ("http", "https") or not parts.netloc or host is None:
+        # Sandboxed frames and file:// pages send "null"; they are never same-origin.
+        return False
+    # The Host header carries no scheme; a default port is implied by the origin's scheme.
+    return _host_port(parts.netloc, parts.scheme) == _host_port(host.strip(), parts.scheme)

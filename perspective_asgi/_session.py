@@ -1,0 +1,394 @@
+"""The core: one Perspective session bridged to one websocket, with bounded queues both ways.
+
+Three tasks serve a connection:
+
+* the reader takes frames from the transport, refuses what is not a Perspective request, and
+  queues requests (a bounded queue: when it is full the reader stops, and TCP pushes back);
+* the worker hands requests to the session one at a time, so replies keep their order; cheap
+  requests run on the event loop, the rest in a worker thread, as the engine releases the GIL;
+* the writer drains the outbound queue into the transport, at the pace the client reads.
+
+Perspective calls the response callback on whichever thread ran the request or the
+``table.update()`` that produced it. The callback appends to a lock-protected deque and, once per
+burst, wakes the writer through the loop's thread-safe entry point; it never touches the loop's
+objects from a foreign thread and never raises into Perspective.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import inspect
+import itertools
+import logging
+import sys
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import perspective
+
+from ._codes import QUIET_CLOSE_CODES, CloseCode
+from ._config import Settings
+from ._exceptions import ConnectionClosed, ProtocolError
+from ._types import SessionFactory, Transport
+from ._wire import read_envelope
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+logger = logging.getLogger("perspective_asgi")
+
+_connection_ids = itertools.count(1)
+
+
+class SessionState(enum.Enum):
+    """Where a connection is in its life; checked on every send and receive."""
+
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+def _loop_handoff() -> Callable[[Callable[[], None]], object]:
+    """Return a function that schedules a callback on the current event loop from any thread."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        import trio  # the only other backend anyio runs on
+
+        token = trio.lowlevel.current_trio_token()
+        return lambda callback: token.run_sync_soon(callback)
+    return lambda callback: loop.call_soon_threadsafe(callback)
+
+
+_thread_limiters: anyio.lowlevel.RunVar[dict[int, anyio.CapacityLimiter]] = (
+    anyio.lowlevel.RunVar("perspective_asgi_thread_limiters")
+)
+
+
+def _thread_limiter(tokens: int) -> anyio.CapacityLimiter:
+    """Return this event loop's limiter for ``tokens`` worker threads, shared by connections."""
+    try:
+        limiters = _thread_limiters.get()
+    except LookupError:
+        limiters = {}
+        _thread_limiters.set(limiters)
+    if tokens not in limiters:
+        limiters[tokens] = anyio.CapacityLimiter(tokens)
+    return limiters[tokens]
+
+
+class _Abort(Exception):
+    """Ends a connection's tasks with a close code chosen by the core."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class SessionBridge:
+    """Serves one websocket connection from a Perspective session factory.
+
+    Args:
+        factory: ``perspective.Server``, ``perspective.AsyncServer``, a virtual server, or any
+            object whose ``new_session(callback)`` returns an object with ``handle_request``.
+        settings: limits and policies; the defaults of ``Settings`` if omitted.
+        limiter: bound on worker threads; by default one per event loop, shared by every
+            connection with the same ``Settings.max_request_threads``.
+        peer: the client's address, added to the connection's name in log records.
+    """
+
+    def __init__(
+        self,
+        factory: SessionFactory,
+        settings: Settings | None = None,
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+        peer: str | None = None,
+    ) -> None:
+        self.factory = factory
+        self.settings = settings or Settings()
+        #: Names the connection in log records, e.g. ``conn-7 (127.0.0.1:50312)``.
+        self.name = f"conn-{next(_connection_ids)}" + (f" ({peer})" if peer else "")
+        self.state = SessionState.CONNECTING
+        #: The close code that ended the connection: the peer's, or the one the core sent.
+        self.close_code: int | None = None
+        self._limiter = limiter
+        # Wrappers that instrument a server (``functools.wraps`` style) expose it as __wrapped__.
+        engine = getattr(factory, "__wrapped__", factory)
+        self._is_async = isinstance(engine, perspective.AsyncServer)
+        # Only the in-memory engine answers cheap requests in microseconds; a virtual server
+        # may run a SQL query for any request, so everything of theirs goes to a thread.
+        self._inline_kinds = (
+            self.settings.inline_request_kinds
+            if isinstance(engine, perspective.Server)
+            else frozenset()
+        )
+        self._session: Any = None
+        self._lock = threading.Lock()
+        self._outbox: deque[bytes] = deque()
+        self._outbox_bytes = 0
+        self._wake_pending = False
+        self._overflowed = False
+        self._request_running = False
+        self._close_deferred = False
+        self._session_closed = False
+        self._loop_thread = 0
+        self._handoff: Callable[[Callable[[], None]], object] | None = None
+        self._writer_wakeup: anyio.Event | None = None
+        self._drained: anyio.Event | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._abort: _Abort | None = None
+
+    @property
+    def outbox_bytes(self) -> int:
+        """Bytes of replies and updates waiting to be handed to the transport."""
+        return self._outbox_bytes
+
+    async def run(self, transport: Transport) -> None:
+        """Serve ``transport`` until either side closes it; the session is closed on return."""
+        if self.state is not SessionState.CONNECTING:
+            raise RuntimeError(f"SessionBridge.run() called on a {self.state.value} connection")
+        self._loop_thread = threading.get_ident()
+        self._handoff = _loop_handoff()
+        if self._limiter is None:
+            self._limiter = _thread_limiter(self.settings.max_request_threads)
+        self._writer_wakeup = anyio.Event()
+        callback = self._on_response_async if self._is_async else self._on_response
+        self._session = self.factory.new_session(callback)
+        self.state = SessionState.OPEN
+        peer_gone = False
+        inbox_send, inbox_receive = anyio.create_memory_object_stream[tuple[bytes, int | None]](
+            self.settings.max_pending_requests
+        )
+        try:
+            async with anyio.create_task_group() as tasks:
+                self._scope = tasks.cancel_scope
+                tasks.start_soon(self._write_loop, transport)
+                tasks.start_soon(self._request_loop, inbox_receive)
+                await self._read_loop(transport, inbox_send)
+        except Exception as exc:
+            peer_gone = self._record_failure(exc)
+        finally:
+            self.state = SessionState.CLOSING
+            inbox_send.close()
+            inbox_receive.close()
+            with self._lock:
+                self._outbox.clear()
+                self._outbox_bytes = 0
+            closing = self._release_session()
+            if closing is not None:
+                with anyio.CancelScope(shield=True):
+                    await closing
+        try:
+            if not peer_gone:
+                abort = self._abort or _Abort(CloseCode.GOING_AWAY, "")
+                self.close_code = abort.code
+                with anyio.move_on_after(self.settings.close_timeout, shield=True):
+                    await transport.close(abort.code, abort.reason)
+        finally:
+            self.state = SessionState.CLOSED
+        if self.close_code in QUIET_CLOSE_CODES:
+            logger.debug("%s: closed with %s", self.name, self.close_code)
+
+    def _record_failure(self, exc: Exception) -> bool:
+        """Choose the close code for what ended the tasks; return whether the peer is gone."""
+        leaves = _leaves(exc)
+        faults = [e for e in leaves if not isinstance(e, (ConnectionClosed, ProtocolError, _Abort))]
+        for leaf in leaves:
+            if isinstance(leaf, ConnectionClosed):
+                self.close_code = leaf.code
+                if faults:
+                    logger.error("%s: internal error", self.name, exc_info=faults[0])
+                return True
+        if faults:
+            logger.error("%s: internal error; closing with 1011", self.name, exc_info=faults[0])
+            self._abort = _Abort(CloseCode.INTERNAL_ERROR, "internal error")
+            return False
+        for leaf in leaves:
+            if isinstance(leaf, ProtocolError):
+                self._abort = _Abort(leaf.code, leaf.reason)
+                logger.warning("%s: closing with %d: %s", self.name, leaf.code, leaf.reason)
+            elif isinstance(leaf, _Abort):
+                self._abort = leaf
+        return False
+
+    # Inbound ------------------------------------------------------------------------------
+
+    async def _read_loop(
+        self,
+        transport: Transport,
+        inbox: anyio.abc.ObjectSendStream[tuple[bytes, int | None]],
+    ) -> None:
+        limit = self.settings.max_message_size
+        while True:
+            frame = await transport.receive()
+            if isinstance(frame, str):
+                raise ProtocolError(
+                    CloseCode.UNSUPPORTED_DATA, "text frames are not supported; send binary"
+                )
+            if len(frame) > limit:
+                raise ProtocolError(
+                    CloseCode.MESSAGE_TOO_BIG, f"message of {len(frame)} bytes exceeds {limit}"
+                )
+            data = frame if isinstance(frame, bytes) else bytes(frame)
+            envelope = read_envelope(data)
+            await inbox.send((data, envelope.kind))
+
+    async def _request_loop(
+        self, inbox: anyio.abc.ObjectReceiveStream[tuple[bytes, int | None]]
+    ) -> None:
+        async for data, kind in inbox:
+            # Replies to earlier requests must reach the transport before the next request
+            # runs: this bounds what a pipelining client can make us buffer to one reply.
+            await self._wait_drained()
+            if self._abort is not None:
+                raise self._abort
+            if self._is_async:
+                await self._session.handle_request(data)
+            elif kind in self._inline_kinds:
+                self._session.handle_request(data)
+            else:
+                await self._handle_in_thread(data)
+
+    async def _handle_in_thread(self, data: bytes) -> None:
+        with self._lock:
+            self._request_running = True
+        executor = self.settings.executor
+        if executor is None:
+            # The thread is abandoned on cancel: it cannot be interrupted, and
+            # _finish_request closes the session once it returns.
+            await anyio.to_thread.run_sync(
+                self._run_request, data, limiter=self._limiter, abandon_on_cancel=True
+            )
+            return
+        future = executor.submit(self._run_request, data)
+        future.add_done_callback(self._on_executor_done)
+        await asyncio.wrap_future(future)
+
+    def _run_request(self, data: bytes) -> None:
+        try:
+            self._session.handle_request(data)
+        finally:
+            self._finish_request()
+
+    def _on_executor_done(self, future: concurrent.futures.Future[None]) -> None:
+        # A request cancelled before it started never reaches _run_request's cleanup.
+        if future.cancelled():
+            self._finish_request()
+
+    def _finish_request(self) -> None:
+        with self._lock:
+            self._request_running = False
+            close_now = self._close_deferred
+        if close_now:
+            self._close_session()
+
+    # Outbound -----------------------------------------------------------------------------
+
+    def _on_response(self, data: bytes) -> None:
+        """Perspective's callback: runs on any thread, must never block the engine or raise."""
+        try:
+            size = len(data)
+            with self._lock:
+                if self.state is not SessionState.OPEN or self._overflowed:
+                    return
+                if self._outbox and self._outbox_bytes + size > self.settings.max_send_queue_bytes:
+                    # Only pushed updates can get here (see _request_loop). Holding more would
+                    # let one stalled client grow server memory without limit.
+                    self._overflowed = True
+                    self._outbox.clear()
+                    self._outbox_bytes = 0
+                else:
+                    self._outbox.append(data)
+                    self._outbox_bytes += size
+                if self._wake_pending:
+                    return
+                self._wake_pending = True
+            if threading.get_ident() == self._loop_thread:
+                self._wake_writer()
+            elif self._handoff is not None:
+                self._handoff(self._wake_writer)
+        except Exception:
+            # The loop may already be closed during interpreter or server shutdown.
+            logger.debug("%s: dropped a response", self.name, exc_info=True)
+
+    async def _on_response_async(self, data: bytes) -> None:
+        # AsyncServer awaits its callback on the event loop.
+        self._on_response(data)
+
+    def _wake_writer(self) -> None:
+        if self._overflowed and self._scope is not None and self._abort is None:
+            # The writer may be stuck in a send to the very client that stopped reading.
+            self._abort = _Abort(
+                CloseCode.TRY_AGAIN_LATER, "outbound queue overflow: the client reads too slowly"
+            )
+            logger.warning("%s: closing with 1013: %s", self.name, self._abort.reason)
+            self._scope.cancel()
+        if self._writer_wakeup is not None:
+            self._writer_wakeup.set()
+
+    async def _write_loop(self, transport: Transport) -> None:
+        while True:
+            with self._lock:
+                data = self._outbox.popleft() if self._outbox else None
+                if data is not None:
+                    self._outbox_bytes -= len(data)
+                else:
+                    self._wake_pending = False
+                    wakeup = self._writer_wakeup = anyio.Event()
+            if data is not None:
+                await transport.send(data)
+                continue
+            if self._drained is not None:
+                self._drained.set()
+                self._drained = None
+            await wakeup.wait()
+
+    async def _wait_drained(self) -> None:
+        with self._lock:
+            if not self._outbox:
+                return
+            drained = self._drained = anyio.Event()
+        await drained.wait()
+
+    # Teardown -----------------------------------------------------------------------------
+
+    def _release_session(self) -> Awaitable[Any] | None:
+        with self._lock:
+            if self._request_running:
+                # The engine is still inside handle_request on a worker thread; closing the
+                # session under it is unsafe, so the thread closes it when it returns.
+                self._close_deferred = True
+                return None
+        return self._close_session()
+
+    def _close_session(self) -> Awaitable[Any] | None:
+        """Close the Perspective session exactly once; an async session returns an awaitable."""
+        with self._lock:
+            if self._session_closed or self._session is None:
+                return None
+            self._session_closed = True
+        close: Callable[[], Any] | None = getattr(self._session, "close", None)
+        if close is None:
+            return None  # Virtual server sessions have nothing to release.
+        try:
+            result = close()
+        except Exception:
+            logger.exception("%s: closing the Perspective session failed", self.name)
+            return None
+        return result if inspect.isawaitable(result) else None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

@@ -1,0 +1,47 @@
+"""The small vocabulary shared by the core and the adapters.
+
+The ASGI names follow the ASGI 3 specification; ``Transport`` is the only thing an adapter must
+implement for the core to drive a websocket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any, Protocol, Union
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: What ``Transport.receive`` hands the core: the payload of one websocket message.
+Frame = Union[bytes, bytearray, memoryview, str]  # noqa: UP007 - a runtime alias on 3.10
+
+
+class Transport(Protocol):
+    """One accepted websocket, as seen by the core."""
+
+    async def receive(self) -> Frame:
+        """Return the next message; raise ``ConnectionClosed`` once the peer has gone."""
+
+    async def send(self, data: bytes) -> None:
+        """Send one binary message, waiting while the framework's write buffer is full."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the websocket; must not raise if the peer has already gone."""
+
+
+class Session(Protocol):
+    """What Perspective's ``new_session`` returns; ``close`` is optional (virtual servers)."""
+
+    def handle_request(self, request: bytes, /) -> Any: ...
+
+
+class SessionFactory(Protocol):
+    """``perspective.Server``, ``AsyncServer``, or a virtual server."""
+
+    def new_session(self, callback: Any, /) -> Any: ...
+
+
+Headers = Mapping[str, str]

@@ -1,0 +1,121 @@
+"""A reader of the top-level fields of Perspective's protobuf ``Request`` envelope.
+
+The core reads just enough of each inbound frame to refuse garbage before it reaches the engine
+(an empty frame aborts the whole process in perspective-python 5.x) and to learn the request
+kind, without depending on generated protobuf code. Field numbers follow Perspective's public
+``perspective.proto``: ``msg_id = 1``, ``entity_id = 2``, and the ``client_req`` oneof, whose
+member's field number is the request kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._codes import CloseCode
+from ._exceptions import ProtocolError
+
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+
+#: Request kinds whose engine cost is a few microseconds: metadata reads and (un)subscriptions.
+#: Creating views, serialising data and updating tables are absent: those can take seconds.
+CHEAP_REQUEST_KINDS = frozenset(
+    {
+        3,  # get_features
+        4,  # get_hosted_tables
+        5,  # table_make_port
+        7,  # table_schema
+        8,  # table_size
+        10,  # view_column_paths
+        12,  # view_dimensions
+        13,  # view_expression_schema
+        14,  # view_get_config
+        15,  # view_schema
+        17,  # server_system_info
+        21,  # view_on_update
+        22,  # view_remove_on_update
+        29,  # table_on_delete
+        30,  # table_remove_delete
+        34,  # view_on_delete
+        35,  # view_remove_delete
+        37,  # remove_hosted_tables_update
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The routing fields of one request; ``kind`` is ``None`` if no request body is present."""
+
+    msg_id: int
+    entity_id: str
+    kind: int | None
+
+
+def _invalid(reason: str) -> ProtocolError:
+    return ProtocolError(CloseCode.INVALID_PAYLOAD, f"undecodable request: {reason}")
+
+
+def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """Decode the base-128 varint at ``pos``; return its value and the position after it."""
+    result = 0
+    for shift in range(0, 70, 7):
+        if pos >= len(data):
+            raise _invalid("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if result >> 64:
+                raise _invalid("varint overflows 64 bits")
+            return result, pos
+    raise _invalid("varint longer than 10 bytes")
+
+
+def read_envelope(data: bytes | memoryview) -> Envelope:
+    """Check that ``data`` is a well-formed protobuf message and return its routing fields.
+
+    Nested messages are not descended into: the engine validates them and answers a bad one
+    with a ``ServerError``. Unknown top-level fields are skipped, as protobuf requires.
+    """
+    view = memoryview(data)
+    end = len(view)
+    if end == 0:
+        raise _invalid("empty frame")
+    msg_id, entity_id, kind = 0, "", None
+    pos = 0
+    while pos < end:
+        key, pos = read_varint(view, pos)
+        number, wire_type = key >> 3, key & 7
+        if number == 0 or number > 0x1FFFFFFF:
+            raise _invalid(f"field number {number} out of range")
+        if number == 1 and wire_type != _VARINT:
+            raise _invalid("msg_id is not a varint")
+        if number == 2 and wire_type != _LENGTH_DELIMITED:
+            raise _invalid("entity_id is not a string")
+        if wire_type == _VARINT:
+            value, pos = read_varint(view, pos)
+            if number == 1:
+                if value >> 32:
+                    raise _invalid("msg_id does not fit 32 bits")
+                msg_id = value
+            continue
+        if wire_type == _FIXED64:
+            pos += 8
+        elif wire_type == _FIXED32:
+            pos += 4
+        elif wire_type == _LENGTH_DELIMITED:
+            length, pos = read_varint(view, pos)
+            start, pos = pos, pos + length
+            if pos <= end:
+                if number == 2:
+                    try:
+                        entity_id = str(view[start:pos], "utf-8")
+                    except UnicodeDecodeError:
+                        raise _invalid("entity_id is not UTF-8") from None
+                else:
+                    kind = number
+        else:
+            raise _invalid(f"unsupported wire type {wire_type}")
+        if pos > end:
+            raise _invalid("field runs past the end of the frame")
+    return Envelope(msg_id, entity_id, kind)

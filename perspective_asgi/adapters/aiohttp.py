@@ -1,0 +1,96 @@
+"""aiohttp: ``PerspectiveAIOHTTPHandler``, a drop-in for Perspective's handler of that name::
+
+    async def websocket(request: web.Request) -> web.StreamResponse:
+        return await PerspectiveAIOHTTPHandler(perspective_server=server, request=request).run()
+
+    app.router.add_get("/websocket", websocket)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+
+import perspective
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from .._codes import CloseCode
+from .._config import Settings
+from .._exceptions import ConnectionClosed, ProtocolError
+from .._origin import origin_allowed
+from .._session import SessionBridge
+from .._types import Frame, SessionFactory
+
+
+class _AIOHTTPTransport:
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self._ws = ws
+
+    async def receive(self) -> Frame:
+        message = await self._ws.receive()
+        if message.type is WSMsgType.BINARY:
+            data: bytes = message.data
+            return data
+        if message.type is WSMsgType.TEXT:
+            text: str = message.data
+            return text
+        if message.type is WSMsgType.ERROR:
+            code = getattr(message.data, "code", None)
+            if code == WSCloseCode.MESSAGE_TOO_BIG:
+                raise ProtocolError(CloseCode.MESSAGE_TOO_BIG, str(message.data))
+            raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, str(message.data))
+        # CLOSE, CLOSING or CLOSED: aiohttp has already answered the peer's close frame.
+        raise ConnectionClosed(self._ws.close_code or CloseCode.NO_STATUS_RECEIVED)
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._ws.send_bytes(data)
+        except ConnectionError as exc:
+            raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, "connection lost") from exc
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self._ws.close(code=code, message=reason.encode())
+
+
+class PerspectiveAIOHTTPHandler:
+    """Serves one aiohttp websocket request until it closes.
+
+    Args:
+        perspective_server: the session factory; Perspective's global server if omitted.
+        request: the websocket upgrade request.
+        executor: runs requests instead of anyio's worker threads.
+        loop: accepted for compatibility and ignored.
+        settings: limits and policies (see ``Settings``).
+    """
+
+    def __init__(
+        self,
+        *,
+        request: web.Request,
+        perspective_server: SessionFactory | None = None,
+        executor: concurrent.futures.Executor | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.perspective_server = perspective_server or perspective.GLOBAL_SERVER
+        self.request = request
+        settings = settings or Settings()
+        if executor is not None:
+            settings = dataclasses.replace(settings, executor=executor)
+        self.settings = settings
+        self.bridge: SessionBridge | None = None
+
+    async def run(self) -> web.WebSocketResponse:
+        """Accept the websocket, serve it until it closes, and return the finished response."""
+        request = self.request
+        if not origin_allowed(request.headers.get("Origin"), request.host, self.settings):
+            raise web.HTTPForbidden(text="origin not allowed\n")
+        ws = web.WebSocketResponse(max_msg_size=self.settings.max_message_size)
+        await ws.prepare(request)
+        peer = request.remote
+        self.bridge = SessionBridge(self.perspective_server, self.settings, peer=peer)
+        await self.bridge.run(_AIOHTTPTransport(ws))
+        return ws

@@ -1,0 +1,124 @@
+"""Tornado: ``PerspectiveTornadoHandler``, a drop-in for Perspective's handler of that name.
+
+It takes the same ``initialize`` arguments (``perspective_server``, ``loop``, ``executor``,
+``max_buffer_size``) plus ``settings`` and a working ``check_origin``::
+
+    (r"/websocket", PerspectiveTornadoHandler, {"perspective_server": server})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+from typing import Any
+
+import anyio
+import anyio.abc
+import perspective
+from tornado.ioloop import IOLoop
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from .._config import Settings
+from .._exceptions import ConnectionClosed
+from .._origin import origin_allowed
+from .._session import SessionBridge
+from .._types import Frame, SessionFactory
+
+
+class _TornadoTransport:
+    """Feeds ``on_message`` into the core; sends wait on Tornado's write flow control."""
+
+    def __init__(self, handler: PerspectiveTornadoHandler) -> None:
+        self._handler = handler
+        # Unbuffered: on_message waits until the core takes each frame, and Tornado does not
+        # read the next frame meanwhile, so a fast client is held back by TCP.
+        self.inbox_send, self._inbox = anyio.create_memory_object_stream[Frame](0)
+
+    async def receive(self) -> Frame:
+        try:
+            return await self._inbox.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            handler = self._handler
+            raise ConnectionClosed(handler.close_code or 1005, handler.close_reason or "") from None
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._handler.write_message(data, binary=True)
+        except (WebSocketClosedError, StreamClosedError) as exc:
+            raise ConnectionClosed(1006, "connection lost while sending") from exc
+
+    async def close(self, code: int, reason: str) -> None:
+        self._handler.close(code, reason)
+
+    def closed(self) -> None:
+        self.inbox_send.close()
+        self._inbox.close()
+
+
+class PerspectiveTornadoHandler(WebSocketHandler):
+    """Serves a Perspective server on a Tornado websocket route."""
+
+    _bridge: SessionBridge
+    _transport: _TornadoTransport
+    _task: asyncio.Task[None]
+
+    def initialize(
+        self,
+        perspective_server: SessionFactory | None = None,
+        loop: IOLoop | None = None,
+        executor: concurrent.futures.Executor | None = None,
+        max_buffer_size: int | None = None,
+        settings: Settings | None = None,
+        check_origin: bool = False,
+    ) -> None:
+        """Take the route's arguments.
+
+        ``loop`` is accepted for compatibility and ignored: the handler runs on the loop that
+        serves it. ``check_origin=True`` accepts every origin, as Perspective's documentation
+        describes; otherwise the same-origin rule and ``settings.allowed_origins`` apply.
+        """
+        self.perspective_server = perspective_server or perspective.GLOBAL_SERVER
+        settings = settings or Settings()
+        if executor is not None:
+            settings = dataclasses.replace(settings, executor=executor)
+        # Tornado's RequestHandler.settings is the Application's; ours live beside it.
+        self.session_settings = settings
+        self._allow_any_origin = check_origin
+        connection = self.request.connection
+        if max_buffer_size is not None and connection is not None:
+            # Perspective's handler exposes this knob of Tornado's HTTP1Connection stream.
+            connection.stream.max_buffer_size = max_buffer_size  # type: ignore[attr-defined]
+
+    @property
+    def max_message_size(self) -> int:
+        # Tornado closes with 1009 past this size before buffering the rest of the frame.
+        return self.session_settings.max_message_size
+
+    def check_origin(self, origin: str) -> bool:
+        if self._allow_any_origin:
+            return True
+        return origin_allowed(origin, self.request.headers.get("Host"), self.session_settings)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        remote = self.request.remote_ip
+        self._transport = _TornadoTransport(self)
+        self._bridge = SessionBridge(self.perspective_server, self.session_settings, peer=remote)
+        self._task = asyncio.ensure_future(self._bridge.run(self._transport))
+
+    async def on_message(self, message: str | bytes) -> None:
+        # Once the core has ended the connection there is nobody left to read the message.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self._transport.inbox_send.send(message)
+
+    def on_close(self) -> None:
+        transport = getattr(self, "_transport", None)
+        if transport is not None:
+            transport.closed()
+
+    @property
+    def bridge(self) -> SessionBridge:
+        """The core serving this connection."""
+        return self._bridge

@@ -1,0 +1,43 @@
+"""The stock ``perspective.AsyncClient`` over a real websocket, as a test would use it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import AsyncIterator
+from typing import Any
+
+import perspective
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+
+@contextlib.asynccontextmanager
+async def perspective_client(
+    url: str, **options: Any
+) -> AsyncIterator[tuple[perspective.AsyncClient, ClientConnection]]:
+    """Yield an ``AsyncClient`` wired to a websocket on ``url``, and the websocket itself."""
+    options.setdefault("max_size", None)
+    options.setdefault("compression", None)
+    async with websockets.connect(url, **options) as ws:
+
+        async def send(data: bytes) -> None:
+            await ws.send(data)
+
+        client = perspective.AsyncClient(send)
+
+        async def pump() -> None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async for message in ws:
+                    result = client.handle_response(message)
+                    if inspect.isawaitable(result):
+                        await result
+
+        reader = asyncio.create_task(pump())
+        try:
+            yield client, ws
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
