@@ -100,7 +100,7 @@ def uvicorn_main(app: Any, **options: Any) -> ServerMain:
     return main
 
 
-def hypercorn_main(app: Any) -> ServerMain:
+def hypercorn_main(app: Any, max_message_size: int) -> ServerMain:
     async def main(sock: socket.socket, stop: asyncio.Event) -> None:
         from hypercorn.asyncio import serve
         from hypercorn.config import Config
@@ -111,6 +111,7 @@ def hypercorn_main(app: Any) -> ServerMain:
         config.loglevel = "WARNING"
         config.accesslog = None
         config.graceful_timeout = 2
+        config.websocket_max_message_size = max_message_size
         await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
     return main
@@ -201,7 +202,9 @@ ADAPTERS: dict[str, Callable[[Any, Settings], ServerMain]] = {
     "asgi-uvicorn": lambda server, settings: uvicorn_main(
         asgi_app(server, settings), ws_max_size=settings.max_message_size + 1024
     ),
-    "asgi-hypercorn": lambda server, settings: hypercorn_main(asgi_app(server, settings)),
+    "asgi-hypercorn": lambda server, settings: hypercorn_main(
+        asgi_app(server, settings), settings.max_message_size + 1024
+    ),
     "starlette": lambda server, settings: uvicorn_main(
         starlette_app(server, settings), ws_max_size=settings.max_message_size + 1024
     ),

@@ -91,3 +91,5 @@ def adapter(request: pytest.FixtureRequest) -> str:
 def url(adapter: str, factory: CountingFactory, settings: Settings) -> Iterator[str]:
     with serve_in_thread(ADAPTERS[adapter](factory, settings)) as ws_url:
         yield ws_url
+        # Whatever the test did, every session it opened must be closed exactly once.
+        factory.wait_all_closed()
