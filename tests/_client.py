@@ -5,12 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
 import perspective
 import websockets
 from websockets.asyncio.client import ClientConnection
+
+
+_readers: weakref.WeakKeyDictionary[ClientConnection, asyncio.Task[None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def stop_reading(ws: ClientConnection) -> None:
+    """Make the client stall: nothing reads the socket, so the server's sends back up."""
+    _readers[ws].cancel()
 
 
 @contextlib.asynccontextmanager
@@ -35,6 +46,7 @@ async def perspective_client(
                         await result
 
         reader = asyncio.create_task(pump())
+        _readers[ws] = reader
         try:
             yield client, ws
         finally:

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import inspect
 import io
-import os
 import logging
+import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -20,7 +20,7 @@ from websockets.asyncio.client import ClientConnection
 
 from perspective_asgi import CloseCode, Settings
 
-from ._client import perspective_client
+from ._client import perspective_client, stop_reading
 from .conftest import DEMO_ROWS, CountingFactory
 
 T = TypeVar("T")
@@ -340,3 +340,71 @@ def test_normal_close_logs_nothing_above_debug(
     ours = [r for r in caplog.records if r.name.startswith("perspective_asgi")]
     assert not loud, [r.getMessage() for r in loud]
     assert all(r.levelno == logging.DEBUG for r in ours), [r.getMessage() for r in ours]
+
+
+# Slow readers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings", [Settings(max_send_queue_bytes=256 * 1024, close_timeout=1.0)]
+)
+def test_slow_reader_is_closed_with_1013(
+    url: str,
+    perspective_server: Any,
+    factory: CountingFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    table = local_table(perspective_server)
+    stop = threading.Event()
+
+    def push_updates() -> None:
+        # ~50 KB of row deltas per update (unique strings: Arrow's dictionary encoding would
+        # shrink repeated ones), until the server gives up on the stalled client.
+        for i in range(20_000):
+            if stop.is_set() or factory.closed:
+                return
+            table.update(
+                {
+                    "id": list(range(100, 200)),
+                    "name": [os.urandom(250).hex() for _ in range(100)],
+                    "group": ["x"] * 100,
+                    "value": [float(i)] * 100,
+                }
+            )
+
+    async def scenario() -> None:
+        async with perspective_client(url) as (client, ws):
+            remote = await client.open_table("demo")
+            view = await remote.view()
+            await view.on_update(lambda *_: None, mode="row")
+            await remote.size()
+            stop_reading(ws)  # the client stalls; TCP fills up, then the server's queue
+            pusher = threading.Thread(target=push_updates)
+            pusher.start()
+            try:
+                async with perspective_client(url) as (healthy, _):
+                    # Another client is served normally meanwhile.
+                    other = await healthy.open_table("other")
+                    assert await other.size() == 3
+                    await asyncio.to_thread(_wait_for, lambda: factory.closed >= 1, 30)
+            finally:
+                stop.set()
+                await asyncio.to_thread(pusher.join)
+            ws.transport.abort()
+
+    run(scenario(), timeout=90)
+    overflow = [r for r in caplog.records if "1013" in r.getMessage()]
+    assert overflow and overflow[0].name == "perspective_asgi", [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.INFO
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _wait_for(condition: Any, timeout: float) -> None:
+    deadline = threading.Event()
+    for _ in range(int(timeout * 100)):
+        if condition():
+            return
+        deadline.wait(0.01)
+    raise AssertionError("condition not met in time")

@@ -46,7 +46,12 @@ class _TornadoTransport:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self._handler.write_message(data, binary=True)
+            written = self._handler.write_message(data, binary=True)
+            # Cancelling Tornado's write future makes its IOStream log an error, and a write
+            # abandoned on cancel fails later when the stream closes: shield it, and retrieve
+            # that late failure so it is not reported as never retrieved.
+            written.add_done_callback(_retrieve)
+            await asyncio.shield(written)
         except (WebSocketClosedError, StreamClosedError) as exc:
             raise ConnectionClosed(1006, "connection lost while sending") from exc
 
@@ -56,6 +61,11 @@ class _TornadoTransport:
     def closed(self) -> None:
         self.inbox_send.close()
         self._inbox.close()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class PerspectiveTornadoHandler(WebSocketHandler):
