@@ -1,0 +1,70 @@
+"""Other session factories through every adapter: AsyncServer and the virtual servers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import perspective
+import pytest
+
+from perspective_asgi import Settings
+
+from ._client import perspective_client
+from ._servers import ADAPTERS, serve_in_thread
+from .conftest import CountingFactory
+
+ROWS = {"id": [1, 2, 3, 4], "group": ["x", "y", "x", "y"], "value": [1.5, 2.5, 3.5, 4.5]}
+
+
+def _duckdb() -> Any:
+    duckdb = pytest.importorskip("duckdb")
+    from perspective.virtual_servers.duckdb import DuckDBVirtualServer
+
+    db = duckdb.connect(":memory:")
+    db.execute("CREATE TABLE demo (id INTEGER, \"group\" VARCHAR, value DOUBLE)")
+    db.executemany("INSERT INTO demo VALUES (?, ?, ?)", list(zip(*ROWS.values(), strict=True)))
+    return DuckDBVirtualServer(db)
+
+
+def _polars() -> Any:
+    polars = pytest.importorskip("polars")
+    from perspective.virtual_servers.polars import PolarsVirtualServer
+
+    return PolarsVirtualServer({"demo": polars.DataFrame(ROWS)})
+
+
+@pytest.fixture(params=["duckdb", "polars"])
+def perspective_server(request: pytest.FixtureRequest) -> Any:
+    return {"duckdb": _duckdb, "polars": _polars}[request.param]()
+
+
+def test_virtual_server(url: str) -> None:
+    async def scenario() -> None:
+        async with perspective_client(url) as (client, _):
+            (name,) = await client.get_hosted_table_names()
+            assert name.endswith("demo")  # DuckDB qualifies it with its catalog: memory.demo
+            table = await client.open_table(name)
+            assert await table.size() == 4
+            view = await table.view(columns=["id", "value"], sort=[["value", "desc"]])
+            assert await view.to_columns() == {"id": [4, 3, 2, 1], "value": [4.5, 3.5, 2.5, 1.5]}
+            await view.delete()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_async_server(adapter: str) -> None:
+    counting = CountingFactory(perspective.AsyncServer())
+
+    async def scenario(url: str) -> None:
+        async with perspective_client(url) as (writer, _), perspective_client(url) as (reader, _):
+            await writer.table(ROWS, name="made-remotely", index="id")
+            table = await reader.open_table("made-remotely")
+            view = await table.view(group_by=["group"], columns=["value"])
+            assert await view.to_columns() == {
+                "__ROW_PATH__": [[], ["x"], ["y"]], "value": [12.0, 5.0, 7.0]
+            }
+
+    with serve_in_thread(ADAPTERS[adapter](counting, Settings())) as url:
+        asyncio.run(asyncio.wait_for(scenario(url), 60))
+        counting.wait_all_closed()
