@@ -11,7 +11,7 @@ from ._codes import CloseCode
 from ._config import Settings
 from ._exceptions import ConnectionClosed, PerspectiveASGIError, ProtocolError
 from ._origin import origin_allowed
-from ._session import SessionBridge, SessionState
+from ._session import SessionBridge, SessionState, close_all_connections
 from ._types import Transport
 from .adapters.asgi import PerspectiveASGIApp
 
@@ -27,5 +27,6 @@ __all__ = [
     "SessionState",
     "Settings",
     "Transport",
+    "close_all_connections",
     "origin_allowed",
 ]

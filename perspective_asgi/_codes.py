@@ -23,6 +23,8 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009
     #: The session factory raised; the fault is logged with the connection's id.
     INTERNAL_ERROR = 1011
+    #: Sent by servers that restart (uvicorn on shutdown).
+    SERVICE_RESTART = 1012
     #: The client read too slowly and the outbound queue overflowed.
     TRY_AGAIN_LATER = 1013
 
@@ -34,5 +36,6 @@ QUIET_CLOSE_CODES = frozenset(
         CloseCode.GOING_AWAY,
         CloseCode.NO_STATUS_RECEIVED,
         CloseCode.ABNORMAL_CLOSURE,
+        CloseCode.SERVICE_RESTART,
     }
 )

@@ -24,6 +24,7 @@ import itertools
 import logging
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -83,6 +84,26 @@ def _thread_limiter(tokens: int) -> anyio.CapacityLimiter:
     if tokens not in limiters:
         limiters[tokens] = anyio.CapacityLimiter(tokens)
     return limiters[tokens]
+
+
+#: Connections being served in this process, for ``close_all_connections``.
+_running: weakref.WeakSet[SessionBridge] = weakref.WeakSet()
+
+
+async def close_all_connections(
+    code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down"
+) -> None:
+    """Close every connection served on the running event loop and wait for them to end.
+
+    For servers that leave open websockets to the application at shutdown (Tornado,
+    aiohttp): call it from the shutdown hook so clients get a 1001 and sessions are closed.
+    """
+    here = threading.get_ident()
+    bridges = [bridge for bridge in list(_running) if bridge._loop_thread == here]
+    for bridge in bridges:
+        bridge.close(code, reason)
+    for bridge in bridges:
+        await bridge.wait_closed()
 
 
 class _Abort(Exception):
@@ -164,6 +185,8 @@ class SessionBridge:
             raise RuntimeError(f"SessionBridge.run() called on a {self.state.value} connection")
         self._loop_thread = threading.get_ident()
         self._handoff = _loop_handoff()
+        self._finished = anyio.Event()
+        _running.add(self)
         if self._limiter is None:
             self._limiter = _thread_limiter(self.settings.max_request_threads)
         self._writer_wakeup = anyio.Event()
@@ -180,6 +203,13 @@ class SessionBridge:
                 tasks.start_soon(self._write_loop, transport)
                 tasks.start_soon(self._request_loop, inbox_receive)
                 await self._read_loop(transport, inbox_send)
+        except anyio.get_cancelled_exc_class():
+            # The server is shutting down and cancelled this connection: tell the client why
+            # rather than leave it to the server's default (hypercorn sends 1011).
+            self.close_code = CloseCode.GOING_AWAY
+            with anyio.move_on_after(self.settings.close_timeout, shield=True):
+                await transport.close(CloseCode.GOING_AWAY, "server shutting down")
+            raise
         except Exception as exc:
             peer_gone = self._record_failure(exc)
         finally:
@@ -201,8 +231,12 @@ class SessionBridge:
                     await transport.close(abort.code, abort.reason)
         finally:
             self.state = SessionState.CLOSED
+            _running.discard(self)
+            self._finished.set()
         if self.close_code in QUIET_CLOSE_CODES:
             logger.debug("%s: closed with %s", self.name, self.close_code)
+        elif peer_gone:
+            logger.info("%s: the client closed with %s", self.name, self.close_code)
 
     def _record_failure(self, exc: Exception) -> bool:
         """Choose the close code for what ended the tasks; return whether the peer is gone."""
@@ -345,14 +379,22 @@ class SessionBridge:
         # AsyncServer awaits its callback on the event loop.
         self._on_response(data)
 
-    def _wake_writer(self) -> None:
-        if self._overflowed and self._scope is not None and self._abort is None:
-            # The writer may be stuck in a send to the very client that stopped reading.
-            self._abort = _Abort(
-                CloseCode.TRY_AGAIN_LATER, "outbound queue overflow: the client reads too slowly"
-            )
-            logger.warning("%s: closing with 1013: %s", self.name, self._abort.reason)
+    def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> None:
+        """Ask a running connection to close with ``code``; call it on the connection's loop."""
+        if self._scope is not None and self._abort is None and self.state is SessionState.OPEN:
+            self._abort = _Abort(code, reason)
+            # Cancel rather than signal: the writer may be stuck sending to a stalled client.
             self._scope.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until ``run`` has returned."""
+        await self._finished.wait()
+
+    def _wake_writer(self) -> None:
+        if self._overflowed and self._abort is None:
+            reason = "outbound queue overflow: the client reads too slowly"
+            logger.warning("%s: closing with 1013: %s", self.name, reason)
+            self.close(CloseCode.TRY_AGAIN_LATER, reason)
         if self._writer_wakeup is not None:
             self._writer_wakeup.set()
 

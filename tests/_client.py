@@ -13,7 +13,6 @@ import perspective
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-
 _readers: weakref.WeakKeyDictionary[ClientConnection, asyncio.Task[None]] = (
     weakref.WeakKeyDictionary()
 )

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, WebSocket
 
-from perspective_asgi import Settings
+from perspective_asgi import Settings, close_all_connections
 
 ServerMain = Callable[[socket.socket, asyncio.Event], Awaitable[None]]
 
@@ -169,6 +169,7 @@ def tornado_main(server: Any, settings: Settings) -> ServerMain:
         http.add_sockets([sock])
         await stop.wait()
         http.stop()
+        await close_all_connections()
         await http.close_all_connections()
 
     return main
@@ -188,11 +189,12 @@ def aiohttp_main(server: Any, settings: Settings) -> ServerMain:
 
         app = web.Application()
         app.router.add_get("/websocket", endpoint)
+        app.on_shutdown.append(lambda _: close_all_connections())
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         await stop.wait()
-        await runner.cleanup()
+        await runner.cleanup()  # runs on_shutdown
 
     return main
 

@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection
 from perspective_asgi import CloseCode, Settings
 
 from ._client import perspective_client, stop_reading
+from ._servers import ADAPTERS, serve_in_thread
 from .conftest import DEMO_ROWS, CountingFactory
 
 T = TypeVar("T")
@@ -408,3 +409,39 @@ def _wait_for(condition: Any, timeout: float) -> None:
             return
         deadline.wait(0.01)
     raise AssertionError("condition not met in time")
+
+
+def test_server_shutdown_closes_sessions(
+    adapter: str, factory: CountingFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    connected = threading.Event()
+    release = threading.Event()
+    codes: list[int | None] = []
+
+    async def hold_connection(url: str) -> None:
+        async with perspective_client(url) as (client, ws):
+            table = await client.open_table("demo")
+            view = await table.view()
+            await view.on_update(lambda *_: None)
+            await table.size()
+            connected.set()
+            await asyncio.wait_for(ws.wait_closed(), 30)  # the client's reader sees the close
+            codes.append(ws.close_code)
+            release.set()
+
+    with serve_in_thread(ADAPTERS[adapter](factory, Settings())) as url:
+        holder = threading.Thread(target=lambda: run(hold_connection(url)))
+        holder.start()
+        assert connected.wait(30)
+    # Leaving the block stopped the server with the client still connected.
+    assert release.wait(30)
+    holder.join(30)
+    factory.wait_all_closed()
+    assert factory.opened == 1
+    assert codes and codes[0] in (CloseCode.GOING_AWAY, CloseCode.SERVICE_RESTART), codes
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    if adapter == "asgi-hypercorn":
+        # Hypercorn's own shutdown logs a cancelled task of its stream protocol; not ours.
+        errors = [r for r in errors if r.name != "asyncio"]
+    assert not errors, [r.getMessage() for r in errors]

@@ -4,6 +4,10 @@
         return await PerspectiveAIOHTTPHandler(perspective_server=server, request=request).run()
 
     app.router.add_get("/websocket", websocket)
+    app.on_shutdown.append(lambda app: perspective_asgi.close_all_connections())
+
+aiohttp cancels websocket handlers that are still running at shutdown, which the client sees
+as 1006; the ``on_shutdown`` hook closes them first with 1001 (going away).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ It takes the same ``initialize`` arguments (``perspective_server``, ``loop``, ``
 ``max_buffer_size``) plus ``settings`` and a working ``check_origin``::
 
     (r"/websocket", PerspectiveTornadoHandler, {"perspective_server": server})
+
+Tornado hands websocket streams over to their handlers, so stopping the ``HTTPServer`` leaves
+them open: await ``perspective_asgi.close_all_connections()`` when shutting down.
 """
 
 from __future__ import annotations
