@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import perspective  # noqa: E402
-import websockets  # noqa: E402
+import perspective
+import websockets
 
-from perspective_asgi import PerspectiveASGIApp, Settings  # noqa: E402
+from perspective_asgi import PerspectiveASGIApp, Settings
 
 
 def serve(sock: socket.socket, mode: str) -> None:
