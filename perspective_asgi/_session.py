@@ -285,7 +285,7 @@ class SessionBridge:
                 # keeps the order and saves two task switches per round trip.
                 self._answering_inline = True
                 try:
-                    self._session.handle_request(data)
+                    self._handle(data)
                 finally:
                     self._answering_inline = False
                 await self._flush(transport)
@@ -305,7 +305,7 @@ class SessionBridge:
             if self._is_async:
                 await self._session.handle_request(data)
             elif kind in self._inline_kinds:
-                self._session.handle_request(data)
+                self._handle(data)
             else:
                 await self._handle_in_thread(data)
             self._queued_requests -= 1
@@ -327,9 +327,19 @@ class SessionBridge:
 
     def _run_request(self, data: bytes) -> None:
         try:
-            self._session.handle_request(data)
+            self._handle(data)
         finally:
             self._finish_request()
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            self._session.handle_request(data)
+        except ValueError as exc:
+            # The engine answers a malformed request with a ServerError, but virtual servers
+            # decode it in their Python layer and raise instead: that is the client's fault.
+            if "decode" not in str(exc):
+                raise
+            raise ProtocolError(CloseCode.INVALID_PAYLOAD, f"undecodable request: {exc}") from None
 
     def _on_executor_done(self, future: concurrent.futures.Future[None]) -> None:
         # A request cancelled before it started never reaches _run_request's cleanup.

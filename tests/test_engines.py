@@ -7,8 +7,9 @@ from typing import Any
 
 import perspective
 import pytest
+import websockets
 
-from perspective_asgi import Settings
+from perspective_asgi import CloseCode, Settings
 
 from ._client import perspective_client
 from ._servers import ADAPTERS, serve_in_thread
@@ -68,3 +69,20 @@ def test_async_server(adapter: str) -> None:
     with serve_in_thread(ADAPTERS[adapter](counting, Settings())) as url:
         asyncio.run(asyncio.wait_for(scenario(url), 60))
         counting.wait_all_closed()
+
+
+def test_virtual_server_refuses_undecodable_request(url: str, factory: CountingFactory) -> None:
+    # Well-formed at the top level (get_hosted_tables_req), garbage inside: the engine would
+    # answer with a ServerError, the virtual servers' Python layer raises instead.
+    async def scenario() -> None:
+        async with websockets.connect(url) as ws:
+            await ws.send(b"\x08\x01\x22\x03\xff\xff\xff")
+            with pytest.raises(websockets.ConnectionClosed):
+                async with asyncio.timeout(10):
+                    async for _ in ws:
+                        pass
+            assert ws.close_code == CloseCode.INVALID_PAYLOAD
+        async with perspective_client(url) as (client, _):
+            assert len(await client.get_hosted_table_names()) == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
