@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from ._wire import CHEAP_REQUEST_KINDS
@@ -31,15 +31,16 @@ class Settings:
     max_pending_requests: int = 8
 
     #: Origins allowed besides same-origin browser pages and clients sending no ``Origin`` at all,
-    #: e.g. ``{"https://dash.example.com"}``; ``{"*"}`` allows every origin.
-    allowed_origins: frozenset[str] = field(default_factory=frozenset)
+    #: e.g. ``{"https://dash.example.com"}``; ``{"*"}`` allows every origin. Stored as a
+    #: frozenset of lowercase origins without a trailing slash.
+    allowed_origins: Collection[str] = field(default_factory=frozenset)
 
     #: Accept handshakes with no ``Origin`` header (scripts, the Python and Node clients).
     allow_missing_origin: bool = True
 
     #: Request kinds (``Request.client_req`` field numbers) answered on the event loop instead of
     #: in a worker thread. Their engine cost is a few microseconds, less than a thread hop.
-    inline_request_kinds: frozenset[int] = CHEAP_REQUEST_KINDS
+    inline_request_kinds: Collection[int] = CHEAP_REQUEST_KINDS
 
     #: Worker threads running requests across all connections of one adapter instance; each
     #: connection still runs one request at a time, in order.
@@ -57,8 +58,9 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.close_timeout > 0:
-            raise ValueError(f"close_timeout must be positive, got {self.close_timeout!r}")
+        timeout = self.close_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"close_timeout must be a positive number, got {timeout!r}")
         if isinstance(self.allowed_origins, str):
             raise ValueError("allowed_origins must be a collection of origins, not a string")
         object.__setattr__(self, "allowed_origins", _normalise_origins(self.allowed_origins))

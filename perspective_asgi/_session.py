@@ -57,16 +57,16 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
-def _loop_handoff() -> Callable[[Callable[[], None]], object]:
-    """Return a function that schedules a callback on the current event loop from any thread."""
+def _current_loop() -> tuple[object, Callable[[Callable[[], None]], object]]:
+    """Return the running event loop (or trio token) and a way to call into it from any thread."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         import trio  # the only other backend anyio runs on
 
         token = trio.lowlevel.current_trio_token()
-        return lambda callback: token.run_sync_soon(callback)
-    return lambda callback: loop.call_soon_threadsafe(callback)
+        return token, lambda callback: token.run_sync_soon(callback)
+    return loop, lambda callback: loop.call_soon_threadsafe(callback)
 
 
 _thread_limiters: anyio.lowlevel.RunVar[dict[int, anyio.CapacityLimiter]] = (
@@ -98,8 +98,8 @@ async def close_all_connections(
     For servers that leave open websockets to the application at shutdown (Tornado,
     aiohttp): call it from the shutdown hook so clients get a 1001 and sessions are closed.
     """
-    here = threading.get_ident()
-    bridges = [bridge for bridge in list(_running) if bridge._loop_thread == here]
+    here, _ = _current_loop()
+    bridges = [bridge for bridge in list(_running) if bridge._loop is here]
     for bridge in bridges:
         bridge.close(code, reason)
     for bridge in bridges:
@@ -168,6 +168,7 @@ class SessionBridge:
         self._close_deferred = False
         self._session_closed = False
         self._loop_thread = 0
+        self._loop: object = None
         self._handoff: Callable[[Callable[[], None]], object] | None = None
         self._writer_wakeup: anyio.Event | None = None
         self._drained: anyio.Event | None = None
@@ -184,9 +185,17 @@ class SessionBridge:
         if self.state is not SessionState.CONNECTING:
             raise RuntimeError(f"SessionBridge.run() called on a {self.state.value} connection")
         self._loop_thread = threading.get_ident()
-        self._handoff = _loop_handoff()
+        self._loop, self._handoff = _current_loop()
         self._finished = anyio.Event()
         _running.add(self)
+        try:
+            await self._serve(transport)
+        finally:
+            self.state = SessionState.CLOSED
+            _running.discard(self)
+            self._finished.set()
+
+    async def _serve(self, transport: Transport) -> None:
         if self._limiter is None:
             self._limiter = _thread_limiter(self.settings.max_request_threads)
         self._writer_wakeup = anyio.Event()
@@ -223,16 +232,11 @@ class SessionBridge:
             if closing is not None:
                 with anyio.CancelScope(shield=True):
                     await closing
-        try:
-            if not peer_gone:
-                abort = self._abort or _Abort(CloseCode.GOING_AWAY, "")
-                self.close_code = abort.code
-                with anyio.move_on_after(self.settings.close_timeout, shield=True):
-                    await transport.close(abort.code, abort.reason)
-        finally:
-            self.state = SessionState.CLOSED
-            _running.discard(self)
-            self._finished.set()
+        if not peer_gone:
+            abort = self._abort or _Abort(CloseCode.GOING_AWAY, "")
+            self.close_code = abort.code
+            with anyio.move_on_after(self.settings.close_timeout, shield=True):
+                await transport.close(abort.code, abort.reason)
         if self.close_code in QUIET_CLOSE_CODES:
             logger.debug("%s: closed with %s", self.name, self.close_code)
         elif peer_gone:
