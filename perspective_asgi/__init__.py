@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._codes import CloseCode
 from ._config import Settings
 from ._exceptions import ConnectionClosed, PerspectiveASGIError, ProtocolError
+from ._observer import SessionObserver
 from ._origin import origin_allowed
 from ._session import SessionBridge, SessionState, close_all_connections
 from ._types import Transport
@@ -24,6 +25,7 @@ __all__ = [
     "PerspectiveASGIError",
     "ProtocolError",
     "SessionBridge",
+    "SessionObserver",
     "SessionState",
     "Settings",
     "Transport",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ._config import Settings
 from ._exceptions import ConnectionClosed
-from ._origin import origin_allowed
+from ._origin import refuse_origin
 from ._session import SessionBridge
 from ._types import Frame, Receive, Scope, Send, SessionFactory
 
@@ -83,7 +83,7 @@ async def serve_websocket(
     if message["type"] != "websocket.connect":
         raise RuntimeError(f'Expected "websocket.connect", got {message["type"]!r}')
     origin = scope_header(scope, b"origin")
-    if not origin_allowed(origin, scope_header(scope, b"host"), settings):
+    if refuse_origin(origin, scope_header(scope, b"host"), settings):
         # A close before the accept is sent as an HTTP 403 by every ASGI server.
         await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed"})
         return None

@@ -6,6 +6,7 @@ import concurrent.futures
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from ._observer import SessionObserver
 from ._wire import CHEAP_REQUEST_KINDS
 
 MiB = 1024 * 1024
@@ -51,6 +52,9 @@ class Settings:
 
     #: Seconds allowed for a closing handshake before the adapter drops the connection.
     close_timeout: float = 5.0
+
+    #: Receives connection events, e.g. ``perspective_asgi.metrics.PrometheusObserver``.
+    observer: SessionObserver | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_send_queue_bytes", "max_pending_requests",

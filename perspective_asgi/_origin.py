@@ -36,3 +36,12 @@ def origin_allowed(origin: str | None, host: str | None, settings: Settings) -> 
         return False
     # The Host header carries no scheme; a default port is implied by the origin's scheme.
     return _host_port(parts.netloc, parts.scheme) == _host_port(host.strip(), parts.scheme)
+
+
+def refuse_origin(origin: str | None, host: str | None, settings: Settings) -> bool:
+    """Return whether to refuse a handshake for its origin; a refusal is reported."""
+    if origin_allowed(origin, host, settings):
+        return False
+    if settings.observer is not None:
+        settings.observer.connection_refused("origin")
+    return True

@@ -24,6 +24,7 @@ import itertools
 import logging
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,7 @@ import perspective
 from ._codes import QUIET_CLOSE_CODES, CloseCode
 from ._config import Settings
 from ._exceptions import ConnectionClosed, ProtocolError
+from ._observer import NULL_OBSERVER
 from ._types import SessionFactory, Transport
 from ._wire import read_envelope
 
@@ -143,6 +145,7 @@ class SessionBridge:
         #: The close code that ended the connection: the peer's, or the one the core sent.
         self.close_code: int | None = None
         self._limiter = limiter
+        self._observer = self.settings.observer or NULL_OBSERVER
         # Wrappers that instrument a server (``functools.wraps`` style) expose it as __wrapped__.
         engine = getattr(factory, "__wrapped__", factory)
         self._is_async = isinstance(engine, perspective.AsyncServer)
@@ -191,6 +194,8 @@ class SessionBridge:
         try:
             await self._serve(transport)
         finally:
+            if self._session is not None:
+                self._observer.connection_closed(self, self.close_code)
             self.state = SessionState.CLOSED
             _running.discard(self)
             self._finished.set()
@@ -202,6 +207,7 @@ class SessionBridge:
         callback = self._on_response_async if self._is_async else self._on_response
         self._session = self.factory.new_session(callback)
         self.state = SessionState.OPEN
+        self._observer.connection_opened(self)
         peer_gone = False
         inbox_send, inbox_receive = anyio.create_memory_object_stream[tuple[bytes, int | None]](
             self.settings.max_pending_requests
@@ -272,8 +278,10 @@ class SessionBridge:
         inbox: anyio.abc.ObjectSendStream[tuple[bytes, int | None]],
     ) -> None:
         limit = self.settings.max_message_size
+        observer = self._observer
         while True:
             frame = await transport.receive()
+            observer.message_received(len(frame))
             if isinstance(frame, str):
                 raise ProtocolError(
                     CloseCode.UNSUPPORTED_DATA, "text frames are not supported; send binary"
@@ -288,10 +296,12 @@ class SessionBridge:
                 # Fast path: nothing is ahead of this cheap request, so answering it here
                 # keeps the order and saves two task switches per round trip.
                 self._answering_inline = True
+                started = time.perf_counter()
                 try:
                     self._handle(data)
                 finally:
                     self._answering_inline = False
+                observer.request_handled(kind, time.perf_counter() - started)
                 await self._flush(transport)
                 continue
             self._queued_requests += 1
@@ -306,12 +316,14 @@ class SessionBridge:
             await self._wait_drained()
             if self._abort is not None:
                 raise self._abort
+            started = time.perf_counter()
             if self._is_async:
                 await self._session.handle_request(data)
             elif kind in self._inline_kinds:
                 self._handle(data)
             else:
                 await self._handle_in_thread(data)
+            self._observer.request_handled(kind, time.perf_counter() - started)
             self._queued_requests -= 1
 
     async def _handle_in_thread(self, data: bytes) -> None:
@@ -435,6 +447,7 @@ class SessionBridge:
                     data = self._outbox.popleft()
                     self._outbox_bytes -= len(data)
                 await transport.send(data)
+                self._observer.message_sent(len(data))
         finally:
             self._sending = False
         if self._drained is not None:

@@ -42,6 +42,22 @@ CHEAP_REQUEST_KINDS = frozenset(
 )
 
 
+#: Names of the request kinds, from ``perspective.proto``'s ``Request.client_req`` oneof.
+REQUEST_KIND_NAMES = {
+    3: "get_features", 4: "get_hosted_tables", 5: "table_make_port", 6: "table_make_view",
+    7: "table_schema", 8: "table_size", 9: "table_validate_expr", 10: "view_column_paths",
+    11: "view_delete", 12: "view_dimensions", 13: "view_expression_schema",
+    14: "view_get_config", 15: "view_schema", 16: "view_to_arrow", 17: "server_system_info",
+    18: "view_collapse", 19: "view_expand", 20: "view_get_min_max", 21: "view_on_update",
+    22: "view_remove_on_update", 23: "view_set_depth", 24: "view_to_columns_string",
+    25: "view_to_csv", 26: "view_to_rows_string", 27: "make_table", 28: "table_delete",
+    29: "table_on_delete", 30: "table_remove_delete", 31: "table_remove", 32: "table_replace",
+    33: "table_update", 34: "view_on_delete", 35: "view_remove_delete",
+    36: "view_to_ndjson_string", 37: "remove_hosted_tables_update", 38: "make_join_table",
+    41: "table_validate_expr",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """The routing fields of one request; ``kind`` is ``None`` if no request body is present."""

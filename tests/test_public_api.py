@@ -21,6 +21,7 @@ EXPECTED = {
     "PerspectiveASGIError",
     "ProtocolError",
     "SessionBridge",
+    "SessionObserver",
     "SessionState",
     "Settings",
     "Transport",

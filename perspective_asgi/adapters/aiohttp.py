@@ -23,7 +23,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .._codes import CloseCode
 from .._config import Settings
 from .._exceptions import ConnectionClosed, ProtocolError
-from .._origin import origin_allowed
+from .._origin import refuse_origin
 from .._session import SessionBridge
 from .._types import Frame, SessionFactory
 
@@ -90,7 +90,7 @@ class PerspectiveAIOHTTPHandler:
     async def run(self) -> web.WebSocketResponse:
         """Accept the websocket, serve it until it closes, and return the finished response."""
         request = self.request
-        if not origin_allowed(request.headers.get("Origin"), request.host, self.settings):
+        if refuse_origin(request.headers.get("Origin"), request.host, self.settings):
             raise web.HTTPForbidden(text="origin not allowed\n")
         ws = web.WebSocketResponse(max_msg_size=self.settings.max_message_size)
         await ws.prepare(request)

@@ -26,7 +26,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .._config import Settings
 from .._exceptions import ConnectionClosed
-from .._origin import origin_allowed
+from .._origin import refuse_origin
 from .._session import SessionBridge
 from .._types import Frame, SessionFactory
 
@@ -113,7 +113,8 @@ class PerspectiveTornadoHandler(WebSocketHandler):
     def check_origin(self, origin: str) -> bool:
         if self._allow_any_origin:
             return True
-        return origin_allowed(origin, self.request.headers.get("Host"), self.session_settings)
+        host = self.request.headers.get("Host")
+        return not refuse_origin(origin, host, self.session_settings)
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         remote = self.request.remote_ip

@@ -1,0 +1,38 @@
+"""Hooks through which the core reports what happens on its connections (for metrics, audit).
+
+The core calls them on the connection's event loop, on its hot path: keep them quick, and do
+not raise from them (an exception is treated as an internal error of the connection).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._session import SessionBridge
+
+
+class SessionObserver:
+    """Receives events from connections; every hook does nothing unless overridden."""
+
+    def connection_opened(self, bridge: SessionBridge) -> None:
+        """A handshake was accepted and its Perspective session created."""
+
+    def connection_closed(self, bridge: SessionBridge, code: int | None) -> None:
+        """A connection ended with ``code``: the peer's, or the one the core sent."""
+
+    def connection_refused(self, reason: str) -> None:
+        """A handshake was refused before any session was created, e.g. ``"origin"``."""
+
+    def message_received(self, size: int) -> None:
+        """A binary message of ``size`` bytes arrived (before it is validated)."""
+
+    def message_sent(self, size: int) -> None:
+        """A message of ``size`` bytes was handed to the transport."""
+
+    def request_handled(self, kind: int | None, seconds: float) -> None:
+        """The engine answered a request of ``kind`` (``Request`` field number) in ``seconds``."""
+
+
+#: The observer used when ``Settings.observer`` is ``None``.
+NULL_OBSERVER = SessionObserver()

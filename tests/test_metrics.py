@@ -1,0 +1,87 @@
+"""The Prometheus observer, fed by real traffic through every adapter and scraped as text."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import websockets
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from perspective_asgi import Settings
+from perspective_asgi.metrics import PrometheusObserver
+
+from ._client import perspective_client
+from .conftest import CountingFactory
+
+
+@pytest.fixture
+def observer() -> PrometheusObserver:
+    return PrometheusObserver()
+
+
+@pytest.fixture
+def settings(observer: PrometheusObserver) -> Settings:
+    return Settings(observer=observer)
+
+
+def scrape(observer: PrometheusObserver) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(observer.registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def samples(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+            name: str) -> Iterator[tuple[dict[str, str], float]]:
+    for (sample, labels), value in scraped.items():
+        if sample == name:
+            yield dict(labels), value
+
+
+def test_metrics_after_traffic(
+    url: str, observer: PrometheusObserver, factory: CountingFactory
+) -> None:
+    async def scenario() -> None:
+        async with perspective_client(url) as (client, _):
+            table = await client.open_table("demo")
+            for _ in range(3):
+                assert await table.size() == 4
+            view = await table.view(group_by=["group"])
+            await view.to_arrow()
+            during = scrape(observer)
+            assert during[("perspective_connections", ())] == 1
+        with pytest.raises(websockets.InvalidStatus):
+            async with websockets.connect(url, origin="http://evil.example"):
+                pass
+        async with websockets.connect(url) as ws:
+            await ws.send("text")
+            await ws.wait_closed()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    factory.wait_all_closed()
+    scraped = scrape(observer)
+    assert scraped[("perspective_connections", ())] == 0
+    received = scraped[("perspective_messages_total", (("direction", "in"),))]
+    sent = scraped[("perspective_messages_total", (("direction", "out"),))]
+    # open_table, 3 x size, make_view, to_arrow and one text frame in; a reply to each request
+    assert received >= 7
+    assert sent >= 6
+    assert scraped[("perspective_message_bytes_total", (("direction", "out"),))] > 100
+    latency = samples(scraped, "perspective_request_seconds_count")
+    kinds = {labels["kind"]: value for labels, value in latency}
+    assert kinds["table_size"] == 3
+    assert kinds["table_make_view"] == 1
+    assert kinds["view_to_arrow"] == 1
+    ended = samples(scraped, "perspective_closes_total")
+    closes = {labels["code"]: value for labels, value in ended}
+    assert closes["1003"] == 1
+    assert sum(closes.values()) == 2
+    refusals = samples(scraped, "perspective_refused_connections_total")
+    refused = {labels["reason"]: value for labels, value in refusals}
+    assert refused == {"origin": 1}
+    assert scraped[("perspective_send_queue_bytes", ())] == 0
