@@ -5,7 +5,8 @@ Three tasks serve a connection:
 * the reader takes frames from the transport, refuses what is not a Perspective request, and
   queues requests (a bounded queue: when it is full the reader stops, and TCP pushes back);
 * the worker hands requests to the session one at a time, so replies keep their order; cheap
-  requests run on the event loop, the rest in a worker thread, as the engine releases the GIL;
+  requests run on the event loop, the rest in a worker thread, as the engine releases the GIL
+  (a cheap request with nothing queued ahead of it is answered by the reader itself);
 * the writer drains the outbound queue into the transport, at the pace the client reads.
 
 Perspective calls the response callback on whichever thread ran the request or the
