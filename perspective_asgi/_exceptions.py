@@ -2,7 +2,8 @@
 
     PerspectiveASGIError
      ├── ConnectionClosed      the peer closed or dropped the websocket
-     └── ProtocolError         a frame that is not a Perspective request
+     ├── ProtocolError         a frame that is not a Perspective request
+     └── LoadError             a data file that cannot be served (also a ValueError)
 """
 
 from __future__ import annotations
@@ -30,3 +31,7 @@ class ProtocolError(PerspectiveASGIError):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+class LoadError(PerspectiveASGIError, ValueError):
+    """A data file that cannot be served; the message names the file and what is wrong with it."""

@@ -1,0 +1,139 @@
+"""``perspective-asgi serve``: the dashboard of ``perspective_asgi.app``, with files, on uvicorn.
+
+Each table file (CSV, Parquet, Arrow IPC/Feather, JSON, NDJSON) becomes a table named after the
+file's stem, hosted beside the demo tables unless ``--no-demo``. ``--index`` applies to every
+file, ``--name`` to a single one. A DuckDB database (``.duckdb``) is served read-only through
+Perspective's DuckDB virtual server; it must be the only file, and replaces the demo tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+__all__ = ["COMPRESSION_DEFAULT", "main"]
+
+PROG = "perspective-asgi"
+#: Whether websockets negotiate permessage-deflate (uvicorn's default) unless --no-compression.
+COMPRESSION_DEFAULT = True
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+#: Exit status for bad arguments or files, as argparse uses.
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """Bad arguments or files: reported as one line, with exit status 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error of this command, instead of argparse's usage block.
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 0-65535: {port}")
+    return port
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog=PROG, description="Serve Perspective tables over websockets.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve files (and the demo tables) on a dashboard",
+        description=(
+            "Serve the dashboard at http://HOST:PORT/ and Perspective at /websocket. Each FILE "
+            "(.csv, .parquet, .arrow, .feather, .ipc, .json, .ndjson, .jsonl) becomes a table "
+            "named after its stem. A .duckdb database is served read-only through Perspective's "
+            "DuckDB virtual server; it must be the only FILE and replaces the demo tables."
+        ),
+    )
+    serve.add_argument("files", nargs="*", metavar="FILE", help="data files to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--index", metavar="COL", help="index every table by column COL")
+    serve.add_argument("--name", help="table name for the single FILE (default: its stem)")
+    serve.add_argument("--no-demo", action="store_true", help="leave out the demo tables")
+    serve.add_argument(
+        "--no-compression",
+        dest="compression",
+        action="store_false",
+        default=COMPRESSION_DEFAULT,
+        help="do not offer permessage-deflate on websockets",
+    )
+    serve.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
+    )
+    return parser
+
+
+def _build_app(args: argparse.Namespace) -> Any:
+    try:
+        from . import app as dashboard
+    except ImportError as exc:
+        raise UsageError(
+            f"serve needs starlette ({exc}); pip install 'perspective-asgi[starlette,uvicorn]'"
+        ) from None
+    from ._loaders import load_sources
+
+    if args.name is not None and len(args.files) != 1:
+        raise UsageError(f"--name applies to exactly one FILE, got {len(args.files)}")
+    if args.index is not None and not args.files:
+        raise UsageError("--index applies to FILEs, and none was given")
+    # LoadError is a ValueError, and create_app raises ValueError for a table the engine refuses.
+    try:
+        sources = load_sources(args.files, name=args.name, index=args.index)
+        demo = not args.no_demo and sources.virtual_server is None
+        if demo and set(sources.tables) & set(dashboard.DEMO_TABLES):
+            taken = sorted(set(sources.tables) & set(dashboard.DEMO_TABLES))[0]
+            raise UsageError(f"table {taken!r} is also a demo table: use --name or --no-demo")
+        return dashboard.create_app(
+            demo=demo, tables=sources.tables, virtual_server=sources.virtual_server
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise UsageError(
+            "serve needs uvicorn; pip install 'perspective-asgi[starlette,uvicorn]'"
+        ) from None
+    app = _build_app(args)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ws_per_message_deflate=args.compression,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn exits the process itself when it cannot bind; a clean shutdown lands here.
+    return 0 if server.started else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``perspective-asgi`` with ``argv`` (``sys.argv[1:]`` if omitted); return its status."""
+    try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exc:  # --help
+            return exc.code if isinstance(exc.code, int) else 0
+        return _serve(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        # Ctrl-C while files load, before uvicorn handles signals itself.
+        return 130
