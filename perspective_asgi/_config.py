@@ -47,6 +47,11 @@ class Settings:
     #: connection still runs one request at a time, in order.
     max_request_threads: int = 8
 
+    #: Worker threads shared by all connections to one virtual server (any factory other than
+    #: ``perspective.Server``/``AsyncServer``). 1 serialises its requests, as Perspective's own
+    #: handlers do, because its backend connection may not be thread-safe (DuckDB's is not).
+    virtual_server_threads: int = 1
+
     #: Run requests on this executor instead of anyio's worker threads (asyncio only).
     executor: concurrent.futures.Executor | None = None
 
@@ -58,7 +63,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_send_queue_bytes", "max_pending_requests",
-                     "max_request_threads"):
+                     "max_request_threads", "virtual_server_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

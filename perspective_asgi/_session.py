@@ -72,21 +72,22 @@ def _current_loop() -> tuple[object, Callable[[Callable[[], None]], object]]:
     return loop, lambda callback: loop.call_soon_threadsafe(callback)
 
 
-_thread_limiters: anyio.lowlevel.RunVar[dict[int, anyio.CapacityLimiter]] = (
+_thread_limiters: anyio.lowlevel.RunVar[dict[tuple[int, int], anyio.CapacityLimiter]] = (
     anyio.lowlevel.RunVar("perspective_asgi_thread_limiters")
 )
 
 
-def _thread_limiter(tokens: int) -> anyio.CapacityLimiter:
-    """Return this event loop's limiter for ``tokens`` worker threads, shared by connections."""
+def _thread_limiter(owner: int, tokens: int) -> anyio.CapacityLimiter:
+    """Return this event loop's limiter of ``tokens`` threads for ``owner``."""
     try:
         limiters = _thread_limiters.get()
     except LookupError:
         limiters = {}
         _thread_limiters.set(limiters)
-    if tokens not in limiters:
-        limiters[tokens] = anyio.CapacityLimiter(tokens)
-    return limiters[tokens]
+    key = (owner, tokens)
+    if key not in limiters:
+        limiters[key] = anyio.CapacityLimiter(tokens)
+    return limiters[key]
 
 
 #: Connections being served in this process, for ``close_all_connections``.
@@ -152,10 +153,9 @@ class SessionBridge:
         self._is_async = isinstance(engine, perspective.AsyncServer)
         # Only the in-memory engine answers cheap requests in microseconds; a virtual server
         # may run a SQL query for any request, so everything of theirs goes to a thread.
+        self._engine_is_server = isinstance(engine, perspective.Server)
         self._inline_kinds = (
-            self.settings.inline_request_kinds
-            if isinstance(engine, perspective.Server)
-            else frozenset()
+            self.settings.inline_request_kinds if self._engine_is_server else frozenset()
         )
         self._session: Any = None
         self._lock = threading.Lock()
@@ -203,7 +203,13 @@ class SessionBridge:
 
     async def _serve(self, transport: Transport) -> None:
         if self._limiter is None:
-            self._limiter = _thread_limiter(self.settings.max_request_threads)
+            if self._engine_is_server:
+                self._limiter = _thread_limiter(0, self.settings.max_request_threads)
+            else:
+                # One limiter per virtual server: its backend connection is shared by all
+                # sessions and may not be thread-safe (a DuckDB connection is not).
+                engine = getattr(self.factory, "__wrapped__", self.factory)
+                self._limiter = _thread_limiter(id(engine), self.settings.virtual_server_threads)
         self._writer_wakeup = anyio.Event()
         callback = self._on_response_async if self._is_async else self._on_response
         self._session = self.factory.new_session(callback)

@@ -963,3 +963,53 @@ async def test_virtual_server(
     assert perspective_records(caplog, logging.INFO) == []
     if not closable:
         factory.sessions[0].inner.close()  # what the core could not do
+
+
+# Virtual servers share one backend connection ----------------------------------------------
+
+
+class ConcurrencyProbe:
+    """A virtual-server-like factory whose requests block and count how many run at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.entries = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def new_session(self, callback: Any) -> Any:
+        probe = self
+
+        class Session:
+            def handle_request(self, data: bytes) -> None:
+                with probe.lock:
+                    probe.running += 1
+                    probe.most = max(probe.most, probe.running)
+                probe.entries.release()
+                probe.release.wait(WAIT)
+                with probe.lock:
+                    probe.running -= 1
+
+        return Session()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+async def test_virtual_server_requests_share_its_thread_budget(
+    frames: Frames, new_transport: NewTransport, threads: int
+) -> None:
+    probe = ConcurrencyProbe()
+    settings = Settings(virtual_server_threads=threads)
+    first, second = new_transport(), new_transport()
+    async with serving(SessionBridge(probe, settings), first), serving(
+        SessionBridge(probe, settings), second
+    ):
+        await first.feed(frames.size)
+        await second.feed(frames.size)
+        assert await anyio.to_thread.run_sync(probe.entries.acquire, True, WAIT)
+        # The second connection's request gets in only if the budget allows two threads.
+        patience = 0.5 if threads == 1 else WAIT
+        entered = await anyio.to_thread.run_sync(probe.entries.acquire, True, patience)
+        probe.release.set()
+    assert entered is (threads == 2)
+    assert probe.most == threads

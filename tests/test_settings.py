@@ -17,6 +17,7 @@ COUNT_FIELDS = [
     "max_send_queue_bytes",
     "max_pending_requests",
     "max_request_threads",
+    "virtual_server_threads",
 ]
 
 
@@ -26,6 +27,8 @@ def test_defaults() -> None:
     assert settings.max_send_queue_bytes == 16 * 1024 * 1024
     assert settings.max_pending_requests == 8
     assert settings.max_request_threads == 8
+    assert settings.virtual_server_threads == 1
+    assert settings.observer is None
     assert settings.allowed_origins == frozenset()
     assert settings.allow_missing_origin is True
     assert settings.inline_request_kinds == CHEAP_REQUEST_KINDS
