@@ -16,8 +16,10 @@ from typing import Any, NoReturn
 __all__ = ["COMPRESSION_DEFAULT", "main"]
 
 PROG = "perspective-asgi"
-#: Whether websockets negotiate permessage-deflate (uvicorn's default) unless --no-compression.
-COMPRESSION_DEFAULT = True
+#: Whether websockets negotiate permessage-deflate unless --compression is given. Off: uvicorn
+#: compresses on the event loop, which stalled every client ~220 ms per 100k-row load and cost
+#: 3-5x the CPU in benchmarks/compression.py; it pays off only below ~70-100 Mbit/s links.
+COMPRESSION_DEFAULT = False
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 #: Exit status for bad arguments or files, as argparse uses.
 USAGE_ERROR = 2
@@ -63,11 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", help="table name for the single FILE (default: its stem)")
     serve.add_argument("--no-demo", action="store_true", help="leave out the demo tables")
     serve.add_argument(
-        "--no-compression",
-        dest="compression",
-        action="store_false",
+        "--compression",
+        action=argparse.BooleanOptionalAction,
         default=COMPRESSION_DEFAULT,
-        help="do not offer permessage-deflate on websockets",
+        help="accept permessage-deflate on websockets: less bandwidth, more server CPU "
+        "(default: off)",
     )
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
@@ -102,6 +104,22 @@ def _build_app(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
 
 
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    from ._session import close_all_connections
+
+    class Server(uvicorn.Server):
+        """uvicorn, but websockets are closed with 1001 (going away) before it shuts down."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            # uvicorn's own shutdown sends 1012 (service restart) to every websocket.
+            await close_all_connections()
+            await super().shutdown(sockets)
+
+    return Server
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -110,6 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
             "serve needs uvicorn; pip install 'perspective-asgi[starlette,uvicorn]'"
         ) from None
     app = _build_app(args)
+    _Server = _server_class()
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -117,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         ws_per_message_deflate=args.compression,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     server.run()
     # uvicorn exits the process itself when it cannot bind; a clean shutdown lands here.
     return 0 if server.started else 1

@@ -518,7 +518,7 @@ def test_option_errors_about_files(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--help"]) == 0
     out = capsys.readouterr().out
-    for option in ("--host", "--port", "--index", "--name", "--no-demo", "--no-compression",
+    for option in ("--host", "--port", "--index", "--name", "--no-demo", "--compression",
                    "--log-level", ".duckdb"):
         assert option in out
 
@@ -667,7 +667,10 @@ def test_serve_a_duckdb_database(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
-@pytest.mark.parametrize("options", [[], ["--no-compression"]], ids=["default", "no-compression"])
+@pytest.mark.parametrize(
+    "options", [[], ["--compression"], ["--no-compression"]],
+    ids=["default", "compression", "no-compression"],
+)
 def test_compression(options: list[str], tmp_path: Path) -> None:
     path = write(tmp_path, "csv")
     with serving(command("serve", str(path), "--no-demo", *options), tmp_path) as server:
@@ -679,7 +682,7 @@ def test_compression(options: list[str], tmp_path: Path) -> None:
                 extensions = ws.response.headers.get("Sec-WebSocket-Extensions", "")
                 return "permessage-deflate" in extensions
 
-        expected = COMPRESSION_DEFAULT and not options
+        expected = options == ["--compression"] or (COMPRESSION_DEFAULT and not options)
         assert run(negotiated()) is expected
 
 
@@ -729,3 +732,21 @@ def test_serve_broken_files_exits_2_with_one_line(case: str, tmp_path: Path) -> 
     line = one_error_line(result.stderr)
     assert line.startswith(f"perspective-asgi: error: {path}: "), line
     assert words in line
+
+
+def test_shutdown_closes_websockets_with_1001(tmp_path: Path) -> None:
+    path = write(tmp_path, "csv")
+    with serving(command("serve", str(path), "--no-demo"), tmp_path) as server:
+
+        async def hold_until_stopped() -> int | None:
+            async with perspective_client(server.url) as (client, ws):
+                table = await client.open_table("readings")
+                view = await table.view()
+                await view.on_update(lambda *_: None)
+                assert await table.size() == 3
+                await asyncio.to_thread(server.stop)
+                await asyncio.wait_for(ws.wait_closed(), 10)
+                return ws.close_code
+
+        assert run(hold_until_stopped()) == 1001
+    assert "Traceback" not in server.stderr
