@@ -813,7 +813,7 @@ async def test_close_all_connections(frames: Frames, new_transport: NewTransport
         await assert_closed_once(factory)
 
 
-async def test_cancelled_run_closes_with_1001(
+async def test_cancelled_run_closes_with_1001_and_finishes(
     frames: Frames, factory: RecordingFactory, new_transport: NewTransport
 ) -> None:
     # What an ASGI server does to its connections' tasks when it shuts down.
@@ -828,19 +828,6 @@ async def test_cancelled_run_closes_with_1001(
     assert transport.closes == [(CloseCode.GOING_AWAY, "server shutting down")]
     assert bridge.close_code == CloseCode.GOING_AWAY
     await assert_closed_once(factory)
-
-
-async def test_cancelled_run_is_finished(
-    frames: Frames, factory: RecordingFactory, new_transport: NewTransport
-) -> None:
-    transport = new_transport()
-    bridge = SessionBridge(factory)
-    with anyio.fail_after(WAIT):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(bridge.run, transport)
-            await transport.feed(frames.size)
-            await transport.next_reply()
-            tasks.cancel_scope.cancel()
     assert bridge.state is SessionState.CLOSED
     with anyio.fail_after(1):
         await bridge.wait_closed()
