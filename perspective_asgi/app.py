@@ -1,14 +1,21 @@
 """A demo dashboard on one origin: ``uvicorn perspective_asgi.app:app``.
 
-``/`` is a page with a ``<perspective-viewer>``, ``/websocket`` serves Perspective and
-``/healthz`` answers ``{"status": "ok"}``. The demo tables are generated locally: "orders", 100k
-static rows, and "prices", 50 symbols updated a few hundred times a second by a thread that the
-app's lifespan starts and stops. Requires the ``starlette`` extra.
+``/`` is a page with a ``<perspective-viewer>``, ``/websocket`` serves Perspective,
+``/healthz`` answers ``{"status": "ok"}`` and ``/metrics`` has Prometheus metrics. The demo
+tables are generated locally: "orders", 100k static rows, and "prices", 50 symbols updated a few
+hundred times a second by a thread that the app's lifespan starts and stops. Requires the
+``starlette`` and ``metrics`` extras.
+
+For ``app``, ``PERSPECTIVE_ASGI_DEMO=0`` leaves the demo tables out and
+``PERSPECTIVE_ASGI_FILES`` serves data files (``os.pathsep``-separated), as
+``perspective-asgi serve`` does; see ``settings_from_env``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import html
 import importlib.resources
 import logging
@@ -18,23 +25,28 @@ import random
 import string
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar, TypedDict
 
 import anyio.to_thread
 import perspective
 import pyarrow as pa
 import pyarrow.compute as pc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ._config import Settings
+from ._exceptions import LoadError
+from ._loaders import load_sources
+from ._types import SessionFactory
 from .adapters.starlette import PerspectiveWebSocketRoute
+from .metrics import PrometheusObserver
 
-__all__ = ["PriceTicker", "create_app"]
+__all__ = ["AppOptions", "PriceTicker", "create_app", "settings_from_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +54,13 @@ logger = logging.getLogger(__name__)
 ASSET_URL_ENV = "PERSPECTIVE_ASGI_ASSET_URL"
 BUNDLE_JS = "perspective-anywidget.js"
 BUNDLE_CSS = "perspective-anywidget.css"
+
+#: ``0`` (or ``false``, ``no``, ``off``) leaves the demo tables out of the module's ``app``.
+DEMO_ENV = "PERSPECTIVE_ASGI_DEMO"
+#: Data files the module's ``app`` serves, separated by ``os.pathsep``.
+FILES_ENV = "PERSPECTIVE_ASGI_FILES"
+#: Names of the tables ``create_app(demo=True)`` hosts.
+DEMO_TABLES = ("orders", "prices")
 
 ORDER_ROWS = 100_000
 REGIONS = ["North", "South", "East", "West", "Central"]
@@ -192,142 +211,97 @@ def _bundle_directory() -> pathlib.Path | None:
     return None
 
 
-PAGE = string.Template("""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>perspective-asgi</title>
-<link rel="icon" href="data:,">
-$stylesheet
-<style>
-  html, body { margin: 0; height: 100%; font: 14px system-ui, sans-serif; }
-  body { display: flex; flex-direction: column; }
-  header { display: flex; gap: 1.5em; align-items: center; padding: 0.5em 1em;
-           border-bottom: 1px solid #ddd; }
-  h1 { font-size: 1.1em; margin: 0; }
-  #status { margin-left: auto; color: #777; }
-  #status[data-state="open"] { color: #1a7f37; }
-  #status[data-state="closed"] { color: #cf222e; }
-  perspective-viewer { flex: 1; min-height: 0; }
-  .unavailable { padding: 1em 2em; max-width: 48em; line-height: 1.5; }
-</style>
-</head>
-<body data-websocket="$websocket_path" data-bundle="$bundle_url">
-<header>
-  <h1>perspective-asgi</h1>
-  <label>Table <select id="table" disabled></select></label>
-  <span id="status" data-state="connecting">$status</span>
-</header>
-$main
-</body>
-</html>
-""")
-
-# Constant, not templated: the page passes its URLs in data attributes of <body>.
-VIEWER_SCRIPT = """<perspective-viewer></perspective-viewer>
-<script type="module">
-const status = document.getElementById("status");
-const picker = document.getElementById("table");
-const viewer = document.querySelector("perspective-viewer");
-const url = new URL(document.body.dataset.websocket, location.href);
-url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-
-function show(state, text) {
-  status.dataset.state = state;
-  status.textContent = text;
-}
-
-// Resolves with a client once the websocket is open.
-function connect(Client) {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url);
-    ws.binaryType = "arraybuffer";
-    // The client lends a view of WebAssembly memory: copy it before the next request reuses it.
-    const client = new Client(async (request) => ws.send(request.slice()), async () => ws.close());
-    ws.onopen = () => resolve(client);
-    ws.onmessage = (event) => client.handle_response(new Uint8Array(event.data));
-    ws.onclose = (event) => {
-      const reason = `websocket closed (${event.code}${event.reason ? ": " + event.reason : ""})`;
-      show("closed", `disconnected: ${reason}; reload to reconnect`);
-      client.handle_error(reason).catch(() => {});
-      reject(new Error(reason));
-    };
-  });
-}
-
-try {
-  // The bundle defines <perspective-viewer>; `ready` settles once its WebAssembly is compiled.
-  const { ready } = await import(document.body.dataset.bundle);
-  await ready;
-  const { Client } = customElements.get("perspective-viewer").__wasm_module__;
-  const client = await connect(Client);
-  const names = (await client.get_hosted_table_names()).sort();
-  show("open", `connected to ${url.host}`);
-  picker.replaceChildren(...names.map((name) => new Option(name, name)));
-  await viewer.load(client);
-  const open = (name) => viewer.restore({ table: name, title: name });
-  picker.addEventListener("change", () => open(picker.value));
-  if (names.length > 0) {
-    picker.value = names.includes("prices") ? "prices" : names[0];
-    picker.disabled = false;
-    await open(picker.value);
-  }
-} catch (error) {
-  console.error(error);
-  if (status.dataset.state !== "closed") show("closed", `error: ${error.message ?? error}`);
-}
-</script>"""
-
-UNAVAILABLE = string.Template("""<div class="unavailable">
-<p><strong>The Perspective viewer bundle is unavailable.</strong> perspective-python $version
-does not ship one (5.x does, in <code>perspective/widget/static</code>).</p>
-<p>Set <code>$env</code> to a URL serving <code>$js</code> and <code>$css</code> built for
-the same major version of Perspective as this server (the protocol changes between majors),
-with CORS headers if it is another origin, and restart. Meanwhile <code>$websocket_path</code>
-serves any Perspective client.</p>
-</div>""")
+@functools.cache
+def _template(name: str) -> string.Template:
+    # The page is a file of the package: HTML in templates/, its script and style in static/.
+    text = (importlib.resources.files("perspective_asgi") / "templates" / name).read_text("utf-8")
+    return string.Template(text)
 
 
-def _page(request: Request, asset_url: str | None) -> str:
-    websocket_path = html.escape(request.url_for("perspective").path)
-    if asset_url is None:
-        main = UNAVAILABLE.substitute(
-            version=html.escape(getattr(perspective, "__version__", "")),
-            env=ASSET_URL_ENV, js=BUNDLE_JS, css=BUNDLE_CSS, websocket_path=websocket_path,
+def _page(request: Request, viewer_url: str | None) -> str:
+    # URLs reach the page's script through data attributes of <body>, so the script is static.
+    values = {
+        "websocket_path": request.url_for("perspective").path,
+        "dashboard_css": request.url_for("dashboard", path="dashboard.css").path,
+    }
+    if viewer_url is None:
+        name = "unavailable.html"
+        values.update(
+            version=getattr(perspective, "__version__", ""), env=ASSET_URL_ENV,
+            viewer_js=BUNDLE_JS, viewer_css=BUNDLE_CSS,
         )
-        return PAGE.substitute(stylesheet="", websocket_path=websocket_path, bundle_url="",
-                               status="viewer unavailable", main=main)
-    base = asset_url.rstrip("/")
-    return PAGE.substitute(
-        stylesheet=f'<link rel="stylesheet" href="{html.escape(f"{base}/{BUNDLE_CSS}")}">',
-        websocket_path=websocket_path,
-        bundle_url=html.escape(f"{base}/{BUNDLE_JS}"),
-        status="connecting&hellip;",
-        main=VIEWER_SCRIPT,
-    )
+    else:
+        name = "index.html"
+        base = viewer_url.rstrip("/")
+        values.update(
+            viewer_js=f"{base}/{BUNDLE_JS}", viewer_css=f"{base}/{BUNDLE_CSS}",
+            dashboard_js=request.url_for("dashboard", path="dashboard.js").path,
+        )
+    return _template(name).substitute({key: html.escape(value) for key, value in values.items()})
 
 
-def create_app(*, demo: bool = True, settings: Settings | None = None) -> Starlette:
+def _host_tables(client: Any, tables: Mapping[str, tuple[bytes, str | None]]) -> None:
+    for name, (data, index) in tables.items():
+        try:
+            client.table(data, name=name, index=index)
+        except perspective.PerspectiveError as exc:
+            # The engine's message names the problem but not the table.
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            reason = reason.removeprefix("Abort(): ")
+            raise ValueError(f"table {name!r}: {reason}") from exc
+
+
+def create_app(
+    *,
+    demo: bool = True,
+    settings: Settings | None = None,
+    tables: Mapping[str, tuple[bytes, str | None]] | None = None,
+    virtual_server: SessionFactory | None = None,
+) -> Starlette:
     """Return the dashboard app; ``demo`` hosts the demo tables on its Perspective server.
 
-    The Perspective server is ``app.state.perspective_server``: host more tables on it with
-    ``app.state.perspective_server.new_local_client().table(...)``.
-    """
-    server = perspective.Server()
-    ticker: PriceTicker | None = None
-    if demo:
-        client = server.new_local_client()
-        client.table(_arrow_ipc(orders_table()), name="orders")
-        prices = client.table(PriceTicker.SCHEMA, index="symbol", name="prices")
-        ticker = PriceTicker(prices)
-        prices.update(ticker.snapshot())
+    ``tables`` maps more table names to (Arrow IPC bytes, index column or ``None``).
+    ``virtual_server`` (e.g. a ``DuckDBVirtualServer``) is served instead of a
+    ``perspective.Server``; it hosts its own tables, so it needs ``demo=False`` and no ``tables``.
 
+    The server is ``app.state.perspective_server``: host more tables on a ``perspective.Server``
+    with ``app.state.perspective_server.new_local_client().table(...)``.
+    """
+    tables = tables or {}
+    ticker: PriceTicker | None = None
+    server: SessionFactory
+    if virtual_server is not None:
+        if demo or tables:
+            raise ValueError(
+                "a virtual_server hosts its own tables: pass demo=False and no tables"
+            )
+        server = virtual_server
+    else:
+        taken = sorted(set(tables) & set(DEMO_TABLES)) if demo else []
+        if taken:
+            raise ValueError(f"table {taken[0]!r}: the name of a demo table")
+        local = perspective.Server()
+        client = local.new_local_client()
+        if demo:
+            client.table(_arrow_ipc(orders_table()), name="orders")
+            prices = client.table(PriceTicker.SCHEMA, index="symbol", name="prices")
+            ticker = PriceTicker(prices)
+            prices.update(ticker.snapshot())
+        _host_tables(client, tables)
+        server = local
+
+    # Metrics count every connection of this app; a caller's own observer takes precedence.
+    observer = PrometheusObserver()
+    settings = settings or Settings()
+    if settings.observer is None:
+        settings = dataclasses.replace(settings, observer=observer)
     routes: list[BaseRoute] = [PerspectiveWebSocketRoute("/websocket", server, settings=settings)]
     asset_url = os.environ.get(ASSET_URL_ENV) or None
     bundle = _bundle_directory()
     if asset_url is None and bundle is not None:
         routes.append(Mount("/static/perspective", StaticFiles(directory=bundle), name="bundle"))
+    dashboard = StaticFiles(packages=[("perspective_asgi", "static")])
+    routes.append(Mount("/static/dashboard", dashboard, name="dashboard"))
 
     async def index(request: Request) -> HTMLResponse:
         base = asset_url
@@ -337,6 +311,9 @@ def create_app(*, demo: bool = True, settings: Settings | None = None) -> Starle
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(observer.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -349,10 +326,68 @@ def create_app(*, demo: bool = True, settings: Settings | None = None) -> Starle
                 # Joining waits for the batch in flight; not on the event loop.
                 await anyio.to_thread.run_sync(ticker.stop)
 
-    routes += [Route("/", index, name="index"), Route("/healthz", healthz, name="healthz")]
+    routes += [
+        Route("/", index, name="index"),
+        Route("/healthz", healthz, name="healthz"),
+        Route("/metrics", metrics, name="metrics"),
+    ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.perspective_server = server
+    app.state.metrics = observer
     return app
 
 
-app = create_app()
+class AppOptions(TypedDict):
+    """``create_app`` arguments read from the environment."""
+
+    demo: bool
+    tables: Mapping[str, tuple[bytes, str | None]]
+    virtual_server: SessionFactory | None
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> AppOptions:
+    """Return ``create_app`` arguments from ``PERSPECTIVE_ASGI_DEMO`` and ``..._FILES``.
+
+    A DuckDB database in the files replaces the demo tables (see ``load_sources``). Raises
+    ``ValueError`` (``LoadError`` for files) with a one-line message naming the variable.
+    """
+    environ = os.environ if environ is None else environ
+    demo_value = environ.get(DEMO_ENV, "")
+    demo = demo_value.strip().lower()
+    if demo not in ("", *_TRUE, *_FALSE):
+        raise ValueError(f"{DEMO_ENV} must be 1 or 0 (or true/false, yes/no, on/off), "
+                         f"got {demo_value!r}")
+    paths = [path for path in environ.get(FILES_ENV, "").split(os.pathsep) if path]
+    try:
+        sources = load_sources(paths)
+    except LoadError as exc:
+        raise LoadError(f"{FILES_ENV}: {exc}") from None
+    if sources.virtual_server is not None and demo in _TRUE:
+        raise ValueError(f"{DEMO_ENV}={demo_value}: the demo tables cannot be served beside "
+                         "a DuckDB database")
+    return AppOptions(
+        demo=demo not in _FALSE and sources.virtual_server is None,
+        tables=sources.tables,
+        virtual_server=sources.virtual_server,
+    )
+
+
+def _app_from_env() -> Starlette:
+    try:
+        return create_app(**settings_from_env())
+    except ValueError as exc:
+        # The ASGI server is importing us: one line saying what to fix, not a traceback.
+        raise SystemExit(f"perspective-asgi: error: {exc}") from None
+
+
+def __getattr__(name: str) -> Starlette:
+    # ``app`` is built on first access, by the ASGI server, so importing ``create_app`` (as the
+    # command line does) neither builds the demo tables nor reads the environment's files.
+    if name == "app":
+        app = globals()["app"] = _app_from_env()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ._client import perspective_client
 
@@ -184,6 +185,20 @@ def test_demo_app(signum: int, tmp_path: Path) -> None:
                 after = await view.to_json()
                 assert len(after) == 50
                 assert after != before
+
+                # Metrics count this connection and the requests it made so far.
+                _, content_type, text = await asyncio.to_thread(http_get, f"{base}/metrics")
+                assert content_type.startswith("text/plain")
+                scraped = {
+                    (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                }
+                assert scraped[("perspective_connections", ())] == 1
+                sizes = ("perspective_request_seconds_count", (("kind", "table_size"),))
+                assert scraped[sizes] == 2
+                assert scraped[("perspective_messages_total", (("direction", "out"),))] > 8
+                assert scraped[("perspective_message_bytes_total", (("direction", "in"),))] > 0
 
                 # Stop the server with this client connected: it must close the websocket.
                 process.popen.send_signal(signum)

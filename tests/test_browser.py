@@ -1,0 +1,310 @@
+"""The demo dashboard in a real browser: Debian's chromium, driven by tests/browser/dashboard.mjs.
+
+The app runs under uvicorn in its own process, as a user starts it; what the grid shows is
+compared with what the server holds, read with the stock Python client.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import perspective
+import pytest
+
+from ._client import perspective_client
+from .test_examples import ROOT, Process, free_port, run, serving, viewer_bundle_installed
+
+BROWSER_DIR = Path(__file__).parent / "browser"
+SCRIPT = BROWSER_DIR / "dashboard.mjs"
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = ROOT / "artifacts" / "dashboard.png"
+#: Set to 1 to refresh the screenshot the README shows, docs/dashboard.png.
+UPDATE_SCREENSHOT_ENV = "PERSPECTIVE_ASGI_UPDATE_SCREENSHOT"
+#: Bounds each of the script's waits and its whole run, both well inside pytest's timeout.
+STEP_TIMEOUT_MS = 20_000
+SCRIPT_DEADLINE_MS = 75_000
+#: How long to wait for the script's report beyond its own deadline (browser start and exit).
+REPORT_GRACE = 15.0
+
+PRICES_COLUMNS = ["symbol", "price", "change", "change_pct", "bid", "ask", "volume", "updated"]
+ORDERS_COLUMNS = [
+    "order_date", "region", "category", "product", "quantity", "unit_price", "total"
+]
+#: Sorted on every shown column, so rows that tie on the sort keys look the same anyway.
+ORDERS_SORTED = {
+    "table": "orders",
+    "title": "orders",
+    "columns": ["order_date", "region", "product", "quantity", "unit_price", "total"],
+    "sort": [
+        ["total", "desc"], ["order_date", "asc"], ["region", "asc"], ["product", "asc"],
+        ["quantity", "asc"], ["unit_price", "asc"],
+    ],
+}
+ORDERS_BY_REGION = {
+    "table": "orders",
+    "title": "orders by region",
+    "group_by": ["region"],
+    "columns": ["quantity", "total"],
+    "sort": [["total", "desc"]],
+}
+
+pytestmark = pytest.mark.skipif(
+    not viewer_bundle_installed(),
+    reason=f"perspective-python {perspective.__version__} ships no viewer bundle to run offline "
+    "(perspective/widget/static arrived in 5.x)",
+)
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    path = shutil.which("node")
+    installed = (BROWSER_DIR / "node_modules" / "playwright-core").is_dir()
+    if path is None or not installed or not CHROMIUM.is_file():
+        if os.environ.get("PERSPECTIVE_ASGI_SKIP_BROWSER") == "1":
+            pytest.skip("node, playwright-core or chromium is not installed")
+        pytest.fail(
+            "needs node, chromium (apt-get install chromium) and tests/browser/install.sh "
+            "(or set PERSPECTIVE_ASGI_SKIP_BROWSER=1)"
+        )
+    return path
+
+
+class Browser:
+    """The browser script as a subprocess whose stdout JSON lines are read as they come."""
+
+    def __init__(self, node: str, url: str, logs: Path, *options: str) -> None:
+        self.stderr_path = logs / "browser-stderr.txt"
+        args = [
+            node, str(SCRIPT), "--timeout", str(STEP_TIMEOUT_MS),
+            "--deadline", str(SCRIPT_DEADLINE_MS), *options, url,
+        ]
+        with open(self.stderr_path, "wb") as stderr:
+            self.popen = subprocess.Popen(
+                args, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
+            )
+        self.deadline = time.monotonic() + SCRIPT_DEADLINE_MS / 1000 + REPORT_GRACE
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        with self.popen.stdout:
+            for line in self.popen.stdout:
+                self._lines.put(line)
+        self._lines.put(None)
+
+    def next_message(self) -> dict[str, Any]:
+        """Return the script's next JSON line; fail if it exits or runs out of time first."""
+        try:
+            line = self._lines.get(timeout=max(0.0, self.deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail(f"no word from the browser script in time:\n{self.stderr}")
+        if line is None:
+            code = self.popen.wait()
+            pytest.fail(f"the browser script exited with {code} without a report:\n{self.stderr}")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def report(self) -> dict[str, Any]:
+        """Return the script's results, failing with its error if it did not finish."""
+        result = self.next_message()
+        code = self.popen.wait(REPORT_GRACE)
+        assert result.get("ok") is True and code == 0, (
+            f"browser script failed at {result.get('stage')!r} (exit {code}): "
+            f"{result.get('error')}\n{json.dumps(result, indent=1)[:4000]}\n{self.stderr}"
+        )
+        return result
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        """End the script and its browser, which playwright closes on SIGTERM."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(REPORT_GRACE)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        # Its stdout closes once the reader has seen the end of it.
+        self._reader.join(REPORT_GRACE)
+
+
+def uvicorn_args(port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "perspective_asgi.app:app", "--port", str(port)]
+
+
+def displayed(value: Any, kind: str) -> str:
+    """Return the text the datagrid shows for ``value`` of Perspective type ``kind`` (en-US)."""
+    if kind == "date":
+        day = datetime.datetime.fromtimestamp(value / 1000, datetime.timezone.utc)
+        return f"{day.month}/{day.day}/{day:%y}"
+    if kind == "float":
+        return f"{value:,.2f}"
+    if kind == "integer":
+        return f"{value:,}"
+    return str(value)
+
+
+async def server_rows(port: int, table_name: str, rows: int, **config: Any) -> list[list[str]]:
+    """Return the first ``rows`` rows of a view on the server, as the datagrid would show them.
+
+    Grouped rows start with the last element of their row path, or ``TOTAL`` for the root.
+    """
+    async with perspective_client(f"ws://127.0.0.1:{port}/websocket") as (client, _):
+        table = await client.open_table(table_name)
+        schema = await table.schema()
+        columns = config.get("columns") or await table.columns()
+        view = await table.view(**config)
+        try:
+            data = await view.to_columns(start_row=0, end_row=rows)
+        finally:
+            await view.delete()
+    shown = [[displayed(value, schema[name]) for value in data[name]] for name in columns]
+    body = [list(row) for row in zip(*shown, strict=True)]
+    if "__ROW_PATH__" in data:
+        labels = [str(path[-1]) if path else "TOTAL" for path in data["__ROW_PATH__"]]
+        body = [[label, *row] for label, row in zip(labels, body, strict=True)]
+    return body
+
+
+def row_cells(grid: dict[str, Any], width: int) -> list[list[str]]:
+    """Return each grid row's last ``width`` cells: a grouped row leads with tree cells."""
+    return [row[-width:] for row in grid["rows"]]
+
+
+def assert_no_errors(result: dict[str, Any]) -> None:
+    errors = result["errors"]
+    assert errors == {"page": [], "console": [], "requests": []}, json.dumps(errors, indent=1)
+
+
+def test_dashboard_shows_the_servers_data(node: str, tmp_path: Path) -> None:
+    port = free_port()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    SCREENSHOT.unlink(missing_ok=True)
+    with serving(uvicorn_args(port), tmp_path, port):
+        browser = Browser(
+            node, f"http://127.0.0.1:{port}/", tmp_path,
+            "--config", json.dumps(ORDERS_SORTED), "--screenshot", str(SCREENSHOT),
+        )
+        try:
+            result = browser.report()
+        finally:
+            browser.stop()
+        assert_no_errors(result)
+
+        # The page opens on the live table, connected.
+        initial = result["initial"]
+        assert (initial["table"], initial["options"]) == ("prices", ["orders", "prices"])
+        assert initial["status"] == "connected"
+        assert initial["grid"]["headers"] == PRICES_COLUMNS
+        shown = initial["grid"]["rows"]
+        assert len(shown) >= 10
+        assert all(len(row) == len(PRICES_COLUMNS) for row in shown)
+        # Prices move between reads, but the symbols (the index, so the order) do not.
+        expected = run(server_rows(port, "prices", len(shown), columns=["symbol"]))
+        assert [row[:1] for row in shown] == expected
+
+        # Live: the grid followed the server's updates.
+        assert result["live"]["before"] != result["live"]["after"]
+
+        # The picker switched the viewer to the other table, every row as the server has it.
+        switched = result["switched"]
+        assert switched["table"] == "orders"
+        shown = switched["grid"]["rows"]
+        assert len(shown) >= 10
+        expected = run(server_rows(port, "orders", len(shown)))
+        assert switched["grid"]["headers"] == ORDERS_COLUMNS
+        assert shown == expected
+
+        # A sorted configuration, restored into the viewer: the same rows as the server's view.
+        configured = result["configured"]
+        assert configured["config"]["sort"] == ORDERS_SORTED["sort"]
+        assert configured["grid"]["headers"] == ORDERS_SORTED["columns"]
+        shown = configured["grid"]["rows"]
+        assert len(shown) >= 10
+        expected = run(server_rows(
+            port, "orders", len(shown),
+            columns=ORDERS_SORTED["columns"], sort=ORDERS_SORTED["sort"],
+        ))
+        assert shown == expected
+
+    assert SCREENSHOT.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    if os.environ.get(UPDATE_SCREENSHOT_ENV) == "1":
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(SCREENSHOT, ROOT / "docs" / "dashboard.png")
+
+
+def test_dashboard_reconnects_after_a_server_restart(node: str, tmp_path: Path) -> None:
+    port = free_port()
+    first_logs, second_logs = tmp_path / "first", tmp_path / "second"
+    first_logs.mkdir()
+    second_logs.mkdir()
+    first = Process(uvicorn_args(port), port, first_logs)
+    second: Process | None = None
+    browser: Browser | None = None
+    try:
+        first.wait_listening()
+        browser = Browser(
+            node, f"http://127.0.0.1:{port}/", tmp_path,
+            "--config", json.dumps(ORDERS_BY_REGION), "--restart",
+        )
+        assert browser.next_message() == {"event": "restart"}
+        # A crash, not a shutdown: no close frame reaches the page.
+        first.kill()
+        second = Process(uvicorn_args(port), port, second_logs)
+        second.wait_listening()
+        result = browser.report()
+
+        restart = result["restart"]
+        before, after = restart["before"], restart["after"]
+        for key in ("table", "title", "group_by", "sort", "columns"):
+            assert after["config"][key] == before["config"][key] == ORDERS_BY_REGION[key], key
+        width = len(ORDERS_BY_REGION["columns"])
+        shown = row_cells(after["grid"], width + 1)
+        assert len(shown) == 1 + len({"North", "South", "East", "West", "Central"})
+        assert shown == row_cells(before["grid"], width + 1)
+        config = {key: ORDERS_BY_REGION[key] for key in ("group_by", "columns", "sort")}
+        assert shown == run(server_rows(port, "orders", len(shown), **config))
+
+        # The status line told the story: disconnected with a countdown, then connected.
+        log = restart["status_log"]
+        countdown = re.compile(r"disconnected — reconnecting in \d+s")
+        assert any(entry["state"] == "closed" and countdown.fullmatch(entry["text"])
+                   for entry in log), log
+        assert log[-1] == {"state": "open", "text": "connected"}, log
+        # The table picker works on the new connection.
+        picked = restart["picked"]
+        assert (picked["config"]["table"], picked["grid"]["headers"]) == ("prices", PRICES_COLUMNS)
+    finally:
+        if browser is not None:
+            browser.stop()
+        first.kill()
+        if second is not None:
+            second.kill()
+
+    # While the server was down, reconnection attempts may be refused; nothing else may fail.
+    errors = result["errors"]
+    refused = re.compile(
+        rf"WebSocket connection to 'ws://127\.0\.0\.1:{port}/websocket' failed: "
+        r".*ERR_CONNECTION_REFUSED"
+    )
+    errors["console"] = [
+        entry for entry in errors["console"]
+        if not (entry["stage"] in ("restart", "reconnect") and refused.fullmatch(entry["message"]))
+    ]
+    assert_no_errors(result)
