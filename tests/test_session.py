@@ -906,8 +906,10 @@ def _duckdb_server() -> tuple[Any, str]:
 
     db = duckdb.connect(":memory:")
     db.execute(
-        "CREATE TABLE demo AS SELECT * FROM (VALUES (1, 'alpha', 'x', 1.5), (2, 'beta', 'y', 2.5),"
-        " (3, 'gamma', 'x', 3.5), (4, 'delta', 'y', 4.5)) AS t(id, name, \"group\", value)"
+        # DOUBLE, not the literals' DECIMAL, which perspective-python 4.4's DuckDB server rejects.
+        "CREATE TABLE demo AS SELECT id, name, \"group\", CAST(value AS DOUBLE) AS value FROM"
+        " (VALUES (1, 'alpha', 'x', 1.5), (2, 'beta', 'y', 2.5), (3, 'gamma', 'x', 3.5),"
+        " (4, 'delta', 'y', 4.5)) AS t(id, name, \"group\", value)"
     )
     return DuckDBVirtualServer(db), "memory.demo"
 
@@ -929,6 +931,9 @@ async def test_virtual_server(
     new_transport: NewTransport,
 ) -> None:
     virtual_server, name = make_server()
+    probe = virtual_server.new_session(lambda _: None)
+    if closable and not hasattr(probe, "close"):
+        pytest.skip("virtual sessions have close() from perspective-python 5")
     factory = RecordingFactory(virtual_server, closable=closable)
     async with client_session(factory, new_transport) as (client, bridge, _):
         assert await client.get_hosted_table_names() == [name]
@@ -948,8 +953,10 @@ async def test_virtual_server(
     else:
         assert factory.closes == 0
     assert perspective_records(caplog, logging.INFO) == []
-    if not closable:
+    if not closable and hasattr(factory.sessions[0].inner, "close"):
         factory.sessions[0].inner.close()  # what the core could not do
+    if hasattr(probe, "close"):
+        probe.close()
 
 
 # Virtual servers share one backend connection ----------------------------------------------
