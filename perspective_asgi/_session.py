@@ -41,7 +41,8 @@ from ._config import Settings
 from ._exceptions import ConnectionClosed, ProtocolError
 from ._observer import NULL_OBSERVER
 from ._types import SessionFactory, Transport
-from ._wire import read_envelope
+from ._views import ViewGuard
+from ._wire import Envelope, read_envelope
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -157,6 +158,7 @@ class SessionBridge:
         self._inline_kinds = (
             self.settings.inline_request_kinds if self._engine_is_server else frozenset()
         )
+        self._views = ViewGuard(engine)
         self._session: Any = None
         self._lock = threading.Lock()
         self._outbox: deque[bytes] = deque()
@@ -216,7 +218,7 @@ class SessionBridge:
         self.state = SessionState.OPEN
         self._observer.connection_opened(self)
         peer_gone = False
-        inbox_send, inbox_receive = anyio.create_memory_object_stream[tuple[bytes, int | None]](
+        inbox_send, inbox_receive = anyio.create_memory_object_stream[tuple[bytes, Envelope]](
             self.settings.max_pending_requests
         )
         try:
@@ -282,7 +284,7 @@ class SessionBridge:
     async def _read_loop(
         self,
         transport: Transport,
-        inbox: anyio.abc.ObjectSendStream[tuple[bytes, int | None]],
+        inbox: anyio.abc.ObjectSendStream[tuple[bytes, Envelope]],
     ) -> None:
         limit = self.settings.max_message_size
         observer = self._observer
@@ -298,38 +300,50 @@ class SessionBridge:
                     CloseCode.MESSAGE_TOO_BIG, f"message of {len(frame)} bytes exceeds {limit}"
                 )
             data = frame if isinstance(frame, bytes) else bytes(frame)
-            kind = read_envelope(data).kind
+            envelope = read_envelope(data)
+            kind = envelope.kind
             if kind in self._inline_kinds and not self._queued_requests and not self._outbox:
                 # Fast path: nothing is ahead of this cheap request, so answering it here
                 # keeps the order and saves two task switches per round trip.
                 self._answering_inline = True
                 started = time.perf_counter()
                 try:
-                    self._handle(data)
+                    refusal = self._views.refuse(envelope)
+                    if refusal is None:
+                        self._handle(data)
+                        self._views.handled(envelope)
+                    else:
+                        self._on_response(refusal)
                 finally:
                     self._answering_inline = False
                 observer.request_handled(kind, time.perf_counter() - started)
                 await self._flush(transport)
                 continue
             self._queued_requests += 1
-            await inbox.send((data, kind))
+            await inbox.send((data, envelope))
 
     async def _request_loop(
-        self, inbox: anyio.abc.ObjectReceiveStream[tuple[bytes, int | None]]
+        self, inbox: anyio.abc.ObjectReceiveStream[tuple[bytes, Envelope]]
     ) -> None:
-        async for data, kind in inbox:
+        async for data, envelope in inbox:
             # Replies to earlier requests must reach the transport before the next request
             # runs: this bounds what a pipelining client can make us buffer to one reply.
             await self._wait_drained()
             if self._abort is not None:
                 raise self._abort
+            kind = envelope.kind
             started = time.perf_counter()
-            if self._is_async:
+            # Checked here, not on arrival: view ids are claimed and freed in engine order.
+            refusal = self._views.refuse(envelope)
+            if refusal is not None:
+                self._on_response(refusal)
+            elif self._is_async:
                 await self._session.handle_request(data)
             elif kind in self._inline_kinds:
                 self._handle(data)
             else:
                 await self._handle_in_thread(data)
+            self._views.handled(envelope)
             self._observer.request_handled(kind, time.perf_counter() - started)
             self._queued_requests -= 1
 
@@ -381,6 +395,7 @@ class SessionBridge:
     def _on_response(self, data: bytes) -> None:
         """Perspective's callback: runs on any thread, must never block the engine or raise."""
         try:
+            self._views.on_response(data)
             size = len(data)
             on_loop = threading.get_ident() == self._loop_thread
             with self._lock:
@@ -487,13 +502,25 @@ class SessionBridge:
             self._session_closed = True
         close: Callable[[], Any] | None = getattr(self._session, "close", None)
         if close is None:
+            self._views.release_all()
             return None  # Virtual server sessions have nothing to release.
         try:
             result = close()
         except Exception:
             logger.exception("%s: closing the Perspective session failed", self.name)
+            self._views.release_all()
             return None
-        return result if inspect.isawaitable(result) else None
+        if inspect.isawaitable(result):
+            return self._release_views_after(result)
+        # The session deleted its views: their ids may now be taken by other connections.
+        self._views.release_all()
+        return None
+
+    async def _release_views_after(self, closing: Awaitable[Any]) -> None:
+        try:
+            await closing
+        finally:
+            self._views.release_all()
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

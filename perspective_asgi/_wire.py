@@ -9,7 +9,8 @@ member's field number is the request kind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from ._codes import CloseCode
 from ._exceptions import ProtocolError
@@ -42,6 +43,16 @@ CHEAP_REQUEST_KINDS = frozenset(
 )
 
 
+#: Request kinds whose ``entity_id`` names a view rather than a table.
+VIEW_REQUEST_KINDS = frozenset({10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 21, 22, 23, 24, 25, 26,
+                                34, 35, 36})
+
+TABLE_MAKE_VIEW = 6
+VIEW_DELETE = 11
+#: ``Response.server_error``: the member of the ``client_resp`` oneof that reports a failure.
+SERVER_ERROR = 50
+
+
 #: Names of the request kinds, from ``perspective.proto``'s ``Request.client_req`` oneof.
 REQUEST_KIND_NAMES = {
     3: "get_features", 4: "get_hosted_tables", 5: "table_make_port", 6: "table_make_view",
@@ -65,6 +76,8 @@ class Envelope:
     msg_id: int
     entity_id: str
     kind: int | None
+    #: The serialised request message of the ``client_req`` oneof, e.g. a ``TableMakeViewReq``.
+    body: bytes | memoryview = field(default=b"", compare=False, repr=False)
 
 
 def _invalid(reason: str) -> ProtocolError:
@@ -98,6 +111,7 @@ def read_envelope(data: bytes | memoryview) -> Envelope:
     if end == 0:
         raise _invalid("empty frame")
     msg_id, entity_id, kind = 0, "", None
+    body: bytes | memoryview = b""
     pos = 0
     while pos < end:
         key, pos = read_varint(view, pos)
@@ -129,9 +143,67 @@ def read_envelope(data: bytes | memoryview) -> Envelope:
                     except UnicodeDecodeError:
                         raise _invalid("entity_id is not UTF-8") from None
                 else:
-                    kind = number
+                    kind, body = number, view[start:pos]
         else:
             raise _invalid(f"unsupported wire type {wire_type}")
         if pos > end:
             raise _invalid("field runs past the end of the frame")
-    return Envelope(msg_id, entity_id, kind)
+    return Envelope(msg_id, entity_id, kind, body)
+
+
+def read_fields(data: bytes | memoryview) -> Iterator[tuple[int, int | memoryview]]:
+    """Yield ``(field number, value)`` for each field of a nested message but fixed-width ones.
+
+    A varint's value is an ``int``; a length-delimited field's is a ``memoryview`` of its bytes.
+    """
+    view = memoryview(data)
+    end = len(view)
+    pos = 0
+    while pos < end:
+        key, pos = read_varint(view, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            value, pos = read_varint(view, pos)
+            yield number, value
+            continue
+        if wire_type == _FIXED64:
+            pos += 8
+        elif wire_type == _FIXED32:
+            pos += 4
+        elif wire_type == _LENGTH_DELIMITED:
+            length, pos = read_varint(view, pos)
+            if pos + length <= end:
+                yield number, view[pos:pos + length]
+            pos += length
+        else:
+            raise _invalid(f"unsupported wire type {wire_type}")
+        if pos > end:
+            raise _invalid("field runs past the end of a nested message")
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(payload)) + payload
+
+
+def encode_server_error(msg_id: int, entity_id: str, message: str, status_code: int = 0) -> bytes:
+    """Encode a ``Response`` carrying a ``ServerError``, which rejects the client's request.
+
+    ``status_code`` is Perspective's ``StatusCode``: 0 ``SERVER_ERROR``, 1 ``VIEW_NOT_FOUND``.
+    """
+    error = _length_delimited(1, message.encode())
+    if status_code:
+        error += _encode_varint(2 << 3 | _VARINT) + _encode_varint(status_code)
+    return (
+        _encode_varint(1 << 3 | _VARINT) + _encode_varint(msg_id)
+        + _length_delimited(2, entity_id.encode())
+        + _length_delimited(SERVER_ERROR, error)
+    )

@@ -524,7 +524,8 @@ async def test_full_inbox_stops_reading(frames: Frames, new_transport: NewTransp
     session = ScriptedSession(block=True)
     factory = ScriptedFactory(session)  # not a Server: every request is queued for a thread
     transport = new_transport()
-    await transport.feed(*[frames.make_view] * 20)
+    # table_size, not make_view: twenty views with one id would be refused before the engine.
+    await transport.feed(*[frames.size] * 20)
     bridge = SessionBridge(factory, Settings(max_pending_requests=2))
     with released(session):
         async with serving(bridge, transport):

@@ -1,0 +1,161 @@
+"""Refuses view requests that would crash the engine, before they reach it.
+
+The engine trusts its clients with view ids, and a websocket client is not to be trusted:
+
+* view ids are chosen by the client, and any session may act on any view. When one session
+  deletes a view another created, or two sessions create views with the same id, closing those
+  sessions aborts the process (the engine throws ``PerspectiveViewNotFoundException`` out of a
+  destructor). So each connection may act only on the views it created, and a view id may be
+  live on one connection of an engine at a time.
+* a filter with no value, for any operator but ``in`` and ``not in``, dereferences a null
+  pointer (perspective-python 4.4 and 5.6). The stock clients always send a value (``null`` for
+  ``is null``), so only hand-built frames are refused.
+
+A refused request is answered with Perspective's own ``ServerError``, so the client's promise
+rejects and the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ._exceptions import ProtocolError
+from ._wire import (
+    SERVER_ERROR,
+    TABLE_MAKE_VIEW,
+    VIEW_DELETE,
+    VIEW_REQUEST_KINDS,
+    Envelope,
+    encode_server_error,
+    read_envelope,
+    read_fields,
+)
+
+#: ``StatusCode.VIEW_NOT_FOUND``: what the engine answers for a view it does not know.
+_VIEW_NOT_FOUND = 1
+
+#: Filter operators the engine accepts with no value: the empty set.
+_OPERATORS_WITHOUT_VALUE = frozenset({"in", "not in"})
+
+_registry_lock = threading.Lock()
+#: Live view ids per engine (keyed by ``id``; an engine outlives the connections that hold it).
+_live_views: dict[int, set[str]] = {}
+
+
+class ViewGuard:
+    """One connection's views; answers whether each request may reach the engine."""
+
+    def __init__(self, engine: object) -> None:
+        self._engine = id(engine)
+        self._owned: set[str] = set()
+        #: The msg_id and view id of the view being created, until the engine answers.
+        self._creating: tuple[int, str] | None = None
+
+    def refuse(self, envelope: Envelope) -> bytes | None:
+        """Return a ``ServerError`` response refusing ``envelope``, or ``None`` to let it through.
+
+        Called in the order requests are handed to the engine, one at a time.
+        """
+        kind = envelope.kind
+        if kind in VIEW_REQUEST_KINDS:
+            if envelope.entity_id not in self._owned:
+                return encode_server_error(
+                    envelope.msg_id,
+                    envelope.entity_id,
+                    f"View not found: '{envelope.entity_id}' is not a view of this connection",
+                    _VIEW_NOT_FOUND,
+                )
+            return None
+        if kind == TABLE_MAKE_VIEW:
+            try:
+                view_id, reason = _check_make_view(envelope.body)
+            except ProtocolError as exc:
+                reason, view_id = exc.reason, None
+            if reason is None and view_id is not None:
+                with _registry_lock:
+                    live = _live_views.setdefault(self._engine, set())
+                    if view_id in live:
+                        reason = f"view id '{view_id}' is already in use"
+                    else:
+                        live.add(view_id)
+                        self._owned.add(view_id)
+                        self._creating = (envelope.msg_id, view_id)
+            if reason is not None:
+                return encode_server_error(envelope.msg_id, envelope.entity_id, reason)
+        return None
+
+    def handled(self, envelope: Envelope) -> None:
+        """Note that the engine has handled ``envelope``: a deleted view's id is free again."""
+        if envelope.kind == VIEW_DELETE:
+            self._release(envelope.entity_id)
+
+    def on_response(self, data: bytes) -> None:
+        """Free the view id of a ``table_make_view`` the engine refused; any thread may call it."""
+        creating = self._creating
+        if creating is None:
+            return
+        try:
+            reply = read_envelope(data)
+        except ProtocolError:
+            return
+        if reply.msg_id == creating[0]:
+            self._creating = None
+            if reply.kind == SERVER_ERROR:
+                self._release(creating[1])
+
+    def release_all(self) -> None:
+        """Free every view id of this connection, once its session is closed."""
+        with _registry_lock:
+            live = _live_views.get(self._engine, set())
+            live.difference_update(self._owned)
+            if not live:
+                _live_views.pop(self._engine, None)
+            self._owned.clear()
+
+    def _release(self, view_id: str) -> None:
+        with _registry_lock:
+            if view_id not in self._owned:
+                return
+            self._owned.discard(view_id)
+            live = _live_views.get(self._engine, set())
+            live.discard(view_id)
+            if not live:
+                _live_views.pop(self._engine, None)
+
+
+def _check_make_view(body: bytes | memoryview) -> tuple[str | None, str | None]:
+    """Return a ``TableMakeViewReq``'s view id, and why it must be refused (``None`` if not)."""
+    view_id: str | None = None
+    reason: str | None = None
+    for number, value in read_fields(body):
+        if isinstance(value, int):
+            continue
+        if number == 1:
+            try:
+                view_id = str(value, "utf-8")
+            except UnicodeDecodeError:
+                return None, "view id is not UTF-8"
+        elif number == 2 and reason is None:
+            reason = _check_config(value)
+    if view_id is None:
+        view_id = ""
+    return view_id, reason
+
+
+def _check_config(config: memoryview) -> str | None:
+    for number, value in read_fields(config):
+        if number != 4 or isinstance(value, int):
+            continue
+        column, operator, values = "", "", 0
+        for filter_number, filter_value in read_fields(value):
+            if isinstance(filter_value, int):
+                continue
+            if filter_number == 1:
+                column = str(filter_value, "utf-8", "replace")
+            elif filter_number == 2:
+                operator = str(filter_value, "utf-8", "replace")
+            elif filter_number == 3:
+                values += 1
+        if not values and operator not in _OPERATORS_WITHOUT_VALUE:
+            return f"filter on column '{column}' with operator '{operator}' needs a value"
+    return None
