@@ -47,6 +47,10 @@ class Settings:
     #: connection still runs one request at a time, in order.
     max_request_threads: int = 8
 
+    #: Refuse every request that creates, changes or deletes a table (``make_table``,
+    #: ``update``, ``replace``, ``remove``, ``delete``, ``join``) with a ``ServerError`` reply.
+    read_only: bool = False
+
     #: Worker threads shared by all connections to one virtual server (any factory other than
     #: ``perspective.Server``/``AsyncServer``). 1 serialises its requests, as Perspective's own
     #: handlers do, because its backend connection may not be thread-safe (DuckDB's is not).

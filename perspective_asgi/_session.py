@@ -40,6 +40,7 @@ from ._codes import QUIET_CLOSE_CODES, CloseCode
 from ._config import Settings
 from ._exceptions import ConnectionClosed, ProtocolError
 from ._observer import NULL_OBSERVER
+from ._policy import refuse_read_only
 from ._types import SessionFactory, Transport
 from ._views import ViewGuard
 from ._wire import Envelope, read_envelope
@@ -308,7 +309,7 @@ class SessionBridge:
                 self._answering_inline = True
                 started = time.perf_counter()
                 try:
-                    refusal = self._views.refuse(envelope)
+                    refusal = self._refusal(envelope)
                     if refusal is None:
                         self._handle(data)
                         self._views.handled(envelope)
@@ -334,7 +335,7 @@ class SessionBridge:
             kind = envelope.kind
             started = time.perf_counter()
             # Checked here, not on arrival: view ids are claimed and freed in engine order.
-            refusal = self._views.refuse(envelope)
+            refusal = self._refusal(envelope)
             if refusal is not None:
                 self._on_response(refusal)
             elif self._is_async:
@@ -367,6 +368,14 @@ class SessionBridge:
             self._handle(data)
         finally:
             self._finish_request()
+
+    def _refusal(self, envelope: Envelope) -> bytes | None:
+        """Return a ``ServerError`` reply if a policy or the view guard refuses ``envelope``."""
+        if self.settings.read_only:
+            refusal = refuse_read_only(envelope)
+            if refusal is not None:
+                return refusal
+        return self._views.refuse(envelope)
 
     def _handle(self, data: bytes) -> None:
         try:

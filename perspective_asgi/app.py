@@ -59,6 +59,8 @@ BUNDLE_CSS = "perspective-anywidget.css"
 DEMO_ENV = "PERSPECTIVE_ASGI_DEMO"
 #: Data files the module's ``app`` serves, separated by ``os.pathsep``.
 FILES_ENV = "PERSPECTIVE_ASGI_FILES"
+#: Set to 1 to refuse every request that creates, changes or deletes a table.
+READ_ONLY_ENV = "PERSPECTIVE_ASGI_READ_ONLY"
 #: Names of the tables ``create_app(demo=True)`` hosts.
 DEMO_TABLES = ("orders", "prices")
 
@@ -343,6 +345,7 @@ class AppOptions(TypedDict):
     demo: bool
     tables: Mapping[str, tuple[bytes, str | None]]
     virtual_server: SessionFactory | None
+    settings: Settings
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -350,7 +353,7 @@ _FALSE = ("0", "false", "no", "off")
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> AppOptions:
-    """Return ``create_app`` arguments from ``PERSPECTIVE_ASGI_DEMO`` and ``..._FILES``.
+    """Return ``create_app`` arguments from the ``PERSPECTIVE_ASGI_*`` environment variables.
 
     A DuckDB database in the files replaces the demo tables (see ``load_sources``). Raises
     ``ValueError`` (``LoadError`` for files) with a one-line message naming the variable.
@@ -358,9 +361,13 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> AppOptions:
     environ = os.environ if environ is None else environ
     demo_value = environ.get(DEMO_ENV, "")
     demo = demo_value.strip().lower()
-    if demo not in ("", *_TRUE, *_FALSE):
-        raise ValueError(f"{DEMO_ENV} must be 1 or 0 (or true/false, yes/no, on/off), "
-                         f"got {demo_value!r}")
+    read_only_value = environ.get(READ_ONLY_ENV, "")
+    read_only = read_only_value.strip().lower()
+    for name, value, given in ((DEMO_ENV, demo, demo_value),
+                               (READ_ONLY_ENV, read_only, read_only_value)):
+        if value not in ("", *_TRUE, *_FALSE):
+            raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), "
+                             f"got {given!r}")
     paths = [path for path in environ.get(FILES_ENV, "").split(os.pathsep) if path]
     try:
         sources = load_sources(paths)
@@ -373,6 +380,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> AppOptions:
         demo=demo not in _FALSE and sources.virtual_server is None,
         tables=sources.tables,
         virtual_server=sources.virtual_server,
+        settings=Settings(read_only=read_only in _TRUE),
     )
 
 

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from ._config import Settings
+
 __all__ = ["COMPRESSION_DEFAULT", "main"]
 
 PROG = "perspective-asgi"
@@ -65,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", help="table name for the single FILE (default: its stem)")
     serve.add_argument("--no-demo", action="store_true", help="leave out the demo tables")
     serve.add_argument(
+        "--read-only",
+        action="store_true",
+        help="refuse every request that creates, changes or deletes a table",
+    )
+    serve.add_argument(
         "--compression",
         action=argparse.BooleanOptionalAction,
         default=COMPRESSION_DEFAULT,
@@ -98,7 +105,10 @@ def _build_app(args: argparse.Namespace) -> Any:
             taken = sorted(set(sources.tables) & set(dashboard.DEMO_TABLES))[0]
             raise UsageError(f"table {taken!r} is also a demo table: use --name or --no-demo")
         return dashboard.create_app(
-            demo=demo, tables=sources.tables, virtual_server=sources.virtual_server
+            demo=demo,
+            tables=sources.tables,
+            virtual_server=sources.virtual_server,
+            settings=Settings(read_only=args.read_only),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

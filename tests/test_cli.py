@@ -28,7 +28,7 @@ import pyarrow.ipc
 import pyarrow.parquet
 import pytest
 
-from perspective_asgi import PerspectiveASGIError
+from perspective_asgi import PerspectiveASGIError, Settings
 from perspective_asgi._exceptions import LoadError
 from perspective_asgi._loaders import (
     DATABASE_SUFFIXES,
@@ -417,9 +417,15 @@ def test_create_app_refuses_what_it_cannot_host(tmp_path: Path) -> None:
 
 
 def test_settings_from_env(tmp_path: Path) -> None:
-    from perspective_asgi.app import DEMO_ENV, FILES_ENV, settings_from_env
+    from perspective_asgi.app import DEMO_ENV, FILES_ENV, READ_ONLY_ENV, settings_from_env
 
-    assert settings_from_env({}) == {"demo": True, "tables": {}, "virtual_server": None}
+    assert settings_from_env({}) == {
+        "demo": True, "tables": {}, "virtual_server": None, "settings": Settings()
+    }
+    assert settings_from_env({READ_ONLY_ENV: "1"})["settings"].read_only is True
+    assert settings_from_env({READ_ONLY_ENV: "off"})["settings"].read_only is False
+    with pytest.raises(ValueError, match=f"^{READ_ONLY_ENV} must be 1 or 0.*got 'x'$"):
+        settings_from_env({READ_ONLY_ENV: "x"})
     for off in ("0", "false", "No", " off "):
         assert settings_from_env({DEMO_ENV: off})["demo"] is False
     for on in ("", "1", "TRUE", "yes", "on"):
@@ -732,6 +738,20 @@ def test_serve_broken_files_exits_2_with_one_line(case: str, tmp_path: Path) -> 
     line = one_error_line(result.stderr)
     assert line.startswith(f"perspective-asgi: error: {path}: "), line
     assert words in line
+
+
+def test_read_only_switch(tmp_path: Path) -> None:
+    path = write(tmp_path, "csv")
+    with serving(command("serve", str(path), "--no-demo", "--read-only"), tmp_path) as server:
+
+        async def check() -> None:
+            async with perspective_client(server.url) as (client, _):
+                table = await client.open_table("readings")
+                with pytest.raises(perspective.PerspectiveError, match="read-only"):
+                    await table.update([{"id": 99}])
+                assert await table.size() == 3
+
+        run(check())
 
 
 def test_shutdown_closes_websockets_with_1001(tmp_path: Path) -> None:
