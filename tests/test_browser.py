@@ -192,7 +192,12 @@ def assert_no_errors(result: dict[str, Any]) -> None:
     assert errors == {"page": [], "console": [], "requests": []}, json.dumps(errors, indent=1)
 
 
-def test_dashboard_shows_the_servers_data(node: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("read_only", [False, True], ids=["editable", "read-only"])
+def test_dashboard_shows_the_servers_data(
+    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_only: bool
+) -> None:
+    # Read-only refuses every request that changes a table: the viewer must not need one.
+    monkeypatch.setenv("PERSPECTIVE_ASGI_READ_ONLY", "1" if read_only else "0")
     port = free_port()
     SCREENSHOT.parent.mkdir(exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
