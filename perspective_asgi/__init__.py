@@ -7,9 +7,15 @@ aiohttp. Framework imports happen only in those adapter modules.
 
 from __future__ import annotations
 
+from ._auth import HandshakeRequest
 from ._codes import CloseCode
 from ._config import Settings
-from ._exceptions import ConnectionClosed, PerspectiveASGIError, ProtocolError
+from ._exceptions import (
+    AuthenticationFailed,
+    ConnectionClosed,
+    PerspectiveASGIError,
+    ProtocolError,
+)
 from ._observer import SessionObserver
 from ._origin import origin_allowed
 from ._session import SessionBridge, SessionState, close_all_connections
@@ -19,8 +25,10 @@ from .adapters.asgi import PerspectiveASGIApp
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationFailed",
     "CloseCode",
     "ConnectionClosed",
+    "HandshakeRequest",
     "PerspectiveASGIApp",
     "PerspectiveASGIError",
     "ProtocolError",

@@ -6,6 +6,8 @@ ASGI 3 websocket protocol and imports nothing beyond the core.
 
 from __future__ import annotations
 
+from ._auth import HandshakeRequest, Refusal, authenticate_handshake
+from ._codes import CloseCode
 from ._config import Settings
 from ._exceptions import ConnectionClosed
 from ._origin import refuse_origin
@@ -19,6 +21,42 @@ def scope_header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return bytes(value).decode("latin-1")
     return None
+
+
+def handshake_request(scope: Scope) -> HandshakeRequest:
+    """Return the framework-neutral view of an ASGI websocket scope's upgrade request."""
+    headers = [
+        (bytes(name).decode("latin-1"), bytes(value).decode("latin-1"))
+        for name, value in scope.get("headers", ())
+    ]
+    client = scope.get("client")
+    return HandshakeRequest.build(
+        scope.get("path", ""),
+        headers,
+        bytes(scope.get("query_string", b"")).decode("latin-1"),
+        None if client is None else (str(client[0]), int(client[1])),
+    )
+
+
+async def refuse_handshake(scope: Scope, send: Send, refusal: Refusal) -> None:
+    """Refuse a websocket that is not yet accepted, with an HTTP response where possible."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        body = f"{refusal.reason}\n".encode()
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": refusal.status,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    # Without the extension the server answers a close before the accept with a 403.
+    code = CloseCode.INTERNAL_ERROR if refusal.status >= 500 else CloseCode.POLICY_VIOLATION
+    await send({"type": "websocket.close", "code": code, "reason": refusal.reason})
 
 
 class ASGITransport:
@@ -71,11 +109,13 @@ async def serve_websocket(
     settings: Settings,
     *,
     disconnect_errors: tuple[type[BaseException], ...] = (OSError,),
+    principal: object | None = None,
 ) -> SessionBridge | None:
     """Run the handshake and then a session on one ASGI websocket connection.
 
-    Returns the finished ``SessionBridge``, or ``None`` if the handshake was refused or the
-    client left before it completed.
+    A ``principal`` found by the application's own authentication replaces
+    ``settings.authenticate``. Returns the finished ``SessionBridge``, or ``None`` if the
+    handshake was refused or the client left before it completed.
     """
     message = await receive()
     if message["type"] == "websocket.disconnect":
@@ -87,10 +127,16 @@ async def serve_websocket(
         # A close before the accept is sent as an HTTP 403 by every ASGI server.
         await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed"})
         return None
+    if principal is None:
+        verdict = await authenticate_handshake(settings, lambda: handshake_request(scope))
+        if isinstance(verdict, Refusal):
+            await refuse_handshake(scope, send, verdict)
+            return None
+        principal = verdict
     await send({"type": "websocket.accept"})
     client = scope.get("client")
     peer = None if client is None else f"{client[0]}:{client[1]}"
-    bridge = SessionBridge(factory, settings, peer=peer)
+    bridge = SessionBridge(factory, settings, peer=peer, principal=principal)
     await bridge.run(ASGITransport(receive, send, disconnect_errors))
     return bridge
 

@@ -6,6 +6,7 @@ import concurrent.futures
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from ._auth import Authenticate
 from ._observer import SessionObserver
 from ._wire import CHEAP_REQUEST_KINDS
 
@@ -65,6 +66,12 @@ class Settings:
     #: Receives connection events, e.g. ``perspective_asgi.metrics.PrometheusObserver``.
     observer: SessionObserver | None = None
 
+    #: Async hook run once per connection before its handshake is accepted (after the origin
+    #: check): it gets a ``HandshakeRequest`` and returns a principal, kept as
+    #: ``SessionBridge.principal``, or ``None`` to refuse with 401; it may raise
+    #: ``AuthenticationFailed`` to refuse with 401 or 403. ``None`` accepts every handshake.
+    authenticate: Authenticate | None = None
+
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_send_queue_bytes", "max_pending_requests",
                      "max_request_threads", "virtual_server_threads"):
@@ -74,6 +81,8 @@ class Settings:
         timeout = self.close_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"close_timeout must be a positive number, got {timeout!r}")
+        if self.authenticate is not None and not callable(self.authenticate):
+            raise ValueError(f"authenticate must be an async callable, got {self.authenticate!r}")
         if isinstance(self.allowed_origins, str):
             raise ValueError("allowed_origins must be a collection of origins, not a string")
         object.__setattr__(self, "allowed_origins", _normalise_origins(self.allowed_origins))

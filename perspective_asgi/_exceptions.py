@@ -3,6 +3,7 @@
     PerspectiveASGIError
      ├── ConnectionClosed      the peer closed or dropped the websocket
      ├── ProtocolError         a frame that is not a Perspective request
+     ├── AuthenticationFailed  raised by ``Settings.authenticate`` to refuse a handshake
      └── LoadError             a data file that cannot be served (also a ValueError)
 """
 
@@ -30,6 +31,17 @@ class ProtocolError(PerspectiveASGIError):
     def __init__(self, code: CloseCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
+        self.reason = reason
+
+
+class AuthenticationFailed(PerspectiveASGIError):
+    """Refuses a websocket handshake from ``Settings.authenticate`` with ``status`` 401 or 403."""
+
+    def __init__(self, status: int = 401, reason: str = "authentication required") -> None:
+        if status not in (401, 403):
+            raise ValueError(f"AuthenticationFailed status must be 401 or 403, got {status!r}")
+        super().__init__(f"{status} {reason}")
+        self.status = status
         self.reason = reason
 
 

@@ -131,6 +131,7 @@ class SessionBridge:
         limiter: bound on worker threads; by default one per event loop, shared by every
             connection with the same ``Settings.max_request_threads``.
         peer: the client's address, added to the connection's name in log records.
+        principal: who the client authenticated as (see ``Settings.authenticate``).
     """
 
     def __init__(
@@ -140,8 +141,11 @@ class SessionBridge:
         *,
         limiter: anyio.CapacityLimiter | None = None,
         peer: str | None = None,
+        principal: object | None = None,
     ) -> None:
         self.factory = factory
+        #: The principal the handshake was accepted for; ``None`` without authentication.
+        self.principal = principal
         self.settings = settings or Settings()
         #: Names the connection in log records, e.g. ``conn-7 (127.0.0.1:50312)``.
         self.name = f"conn-{next(_connection_ids)}" + (f" ({peer})" if peer else "")

@@ -489,7 +489,7 @@ def one_error_line(stderr: str) -> str:
         (["serve", "--port", "http"], "not a port number"),
         (["serve", "--port", "70000"], "out of range"),
         (["serve", "--log-level", "loud"], "--log-level"),
-        (["serve", "--read-only"], "unrecognized arguments: --read-only"),
+        (["serve", "--reed-only"], "unrecognized arguments: --reed-only"),
         (["serve", "--name", "x"], "--name applies to exactly one FILE, got 0"),
         (["serve", "--index", "id"], "--index applies to FILEs"),
     ],

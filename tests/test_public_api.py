@@ -15,8 +15,10 @@ import perspective_asgi
 ROOT = Path(__file__).resolve().parent.parent
 
 EXPECTED = {
+    "AuthenticationFailed",
     "CloseCode",
     "ConnectionClosed",
+    "HandshakeRequest",
     "PerspectiveASGIApp",
     "PerspectiveASGIError",
     "ProtocolError",

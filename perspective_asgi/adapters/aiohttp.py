@@ -20,6 +20,7 @@ import dataclasses
 import perspective
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .._auth import HandshakeRequest, Refusal, authenticate_handshake
 from .._codes import CloseCode
 from .._config import Settings
 from .._exceptions import ConnectionClosed, ProtocolError
@@ -59,6 +60,21 @@ class _AIOHTTPTransport:
             await self._ws.close(code=code, message=reason.encode())
 
 
+_REFUSALS: dict[int, type[web.HTTPException]] = {
+    401: web.HTTPUnauthorized,
+    403: web.HTTPForbidden,
+    500: web.HTTPInternalServerError,
+}
+
+
+def _handshake_request(request: web.Request) -> HandshakeRequest:
+    peername = request.transport.get_extra_info("peername") if request.transport else None
+    client = (str(peername[0]), int(peername[1])) if isinstance(peername, tuple) else None
+    return HandshakeRequest.build(
+        request.path, request.headers.items(), request.query_string, client
+    )
+
+
 class PerspectiveAIOHTTPHandler:
     """Serves one aiohttp websocket request until it closes.
 
@@ -92,9 +108,14 @@ class PerspectiveAIOHTTPHandler:
         request = self.request
         if refuse_origin(request.headers.get("Origin"), request.host, self.settings):
             raise web.HTTPForbidden(text="origin not allowed\n")
+        principal = await authenticate_handshake(self.settings, lambda: _handshake_request(request))
+        if isinstance(principal, Refusal):
+            raise _REFUSALS[principal.status](text=f"{principal.reason}\n")
         ws = web.WebSocketResponse(max_msg_size=self.settings.max_message_size)
         await ws.prepare(request)
         peer = request.remote
-        self.bridge = SessionBridge(self.perspective_server, self.settings, peer=peer)
+        self.bridge = SessionBridge(
+            self.perspective_server, self.settings, peer=peer, principal=principal
+        )
         await self.bridge.run(_AIOHTTPTransport(ws))
         return ws

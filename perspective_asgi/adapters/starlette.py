@@ -6,11 +6,27 @@ switching is a change of import::
     from perspective_asgi.adapters.starlette import PerspectiveStarletteHandler
 
     @app.websocket("/websocket")
-    async def websocket(websocket: WebSocket, user: User = Depends(current_user)) -> None:
+    async def websocket(websocket: WebSocket) -> None:
         await PerspectiveStarletteHandler(perspective_server=server, websocket=websocket).run()
 
-FastAPI resolves the endpoint's dependencies before it is called, so they run before the
-handshake is accepted and can refuse it.
+Authentication is ``Settings.authenticate``, or, in FastAPI, the app's own dependencies: they
+run before the endpoint is called, so before the handshake is accepted. A dependency refuses by
+raising ``WebSocketException`` (FastAPI closes the websocket, which the server answers with
+403), and the endpoint hands what it found to the handler as ``principal``, kept as
+``SessionBridge.principal``; the ``authenticate`` hook is then not run::
+
+    async def current_user(websocket: WebSocket, token: str = "") -> User:
+        user = await users.by_token(token)           # the query string: ?token=...
+        if user is None:
+            raise WebSocketException(code=status.WS_1008_POLICY_VIOLATION)
+        return user
+
+    @app.websocket("/websocket")
+    async def websocket(websocket: WebSocket, user: User = Depends(current_user)) -> None:
+        handler = PerspectiveStarletteHandler(
+            perspective_server=server, websocket=websocket, principal=user
+        )
+        await handler.run()
 """
 
 from __future__ import annotations
@@ -43,6 +59,8 @@ class PerspectiveStarletteHandler:
         websocket: the connection, not yet accepted (or accepted by the caller).
         executor: runs requests instead of anyio's worker threads.
         settings: limits and policies (see ``Settings``).
+        principal: who the app's own authentication found the client to be; when given,
+            ``settings.authenticate`` is not run.
     """
 
     def __init__(
@@ -52,10 +70,12 @@ class PerspectiveStarletteHandler:
         perspective_server: SessionFactory | None = None,
         executor: concurrent.futures.Executor | None = None,
         settings: Settings | None = None,
+        principal: object | None = None,
     ) -> None:
         self.perspective_server = perspective_server or perspective.GLOBAL_SERVER
         self.websocket = websocket
         self.settings = _settings(settings, executor)
+        self.principal = principal
 
     async def run(self) -> None:
         """Accept the connection (unless the caller did) and serve it until it closes."""
@@ -69,6 +89,7 @@ class PerspectiveStarletteHandler:
                 self.perspective_server,
                 self.settings,
                 disconnect_errors=disconnect,
+                principal=self.principal,
             )
             return
         # Accepted already (e.g. by an authentication dependency): skip the handshake.
@@ -77,6 +98,7 @@ class PerspectiveStarletteHandler:
             self.perspective_server,
             self.settings,
             peer=None if client is None else f"{client.host}:{client.port}",
+            principal=self.principal,
         )
         await bridge.run(ASGITransport(websocket.receive, websocket.send, disconnect))
 

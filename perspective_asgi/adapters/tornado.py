@@ -22,8 +22,10 @@ import anyio.abc
 import perspective
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
+from tornado.web import HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
+from .._auth import HandshakeRequest, Refusal, authenticate_handshake
 from .._config import Settings
 from .._exceptions import ConnectionClosed
 from .._origin import refuse_origin
@@ -75,6 +77,7 @@ class PerspectiveTornadoHandler(WebSocketHandler):
     """Serves a Perspective server on a Tornado websocket route."""
 
     _bridge: SessionBridge
+    _principal: object | None = None
     _transport: _TornadoTransport
     _task: asyncio.Task[None]
 
@@ -110,16 +113,42 @@ class PerspectiveTornadoHandler(WebSocketHandler):
         # Tornado closes with 1009 past this size before buffering the rest of the frame.
         return self.session_settings.max_message_size
 
+    async def prepare(self) -> None:
+        """Check the origin, then run ``settings.authenticate``, before Tornado's handshake."""
+        headers = self.request.headers
+        # Tornado's own check_origin runs only after prepare(); the hook must not see a
+        # cross-origin handshake, so the same rule is applied here first.
+        origin = headers.get("Origin", headers.get("Sec-Websocket-Origin"))
+        if not self._allow_any_origin and refuse_origin(
+            origin, headers.get("Host"), self.session_settings
+        ):
+            raise HTTPError(403)
+        verdict = await authenticate_handshake(self.session_settings, self._handshake_request)
+        if isinstance(verdict, Refusal):
+            raise HTTPError(verdict.status)
+        self._principal = verdict
+
+    def _handshake_request(self) -> HandshakeRequest:
+        request = self.request
+        # Tornado exposes the peer's port only through its connection's context.
+        address = getattr(getattr(request.connection, "context", None), "address", None)
+        port = address[1] if isinstance(address, tuple) and len(address) >= 2 else 0
+        return HandshakeRequest.build(
+            request.path,
+            request.headers.get_all(),
+            request.query,
+            None if request.remote_ip is None else (request.remote_ip, int(port)),
+        )
+
     def check_origin(self, origin: str) -> bool:
-        if self._allow_any_origin:
-            return True
-        host = self.request.headers.get("Host")
-        return not refuse_origin(origin, host, self.session_settings)
+        return True  # prepare() has applied the origin rule already, with or without Origin.
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         remote = self.request.remote_ip
         self._transport = _TornadoTransport(self)
-        self._bridge = SessionBridge(self.perspective_server, self.session_settings, peer=remote)
+        self._bridge = SessionBridge(
+            self.perspective_server, self.session_settings, peer=remote, principal=self._principal
+        )
         self._task = asyncio.ensure_future(self._bridge.run(self._transport))
 
     async def on_message(self, message: str | bytes) -> None:
