@@ -171,6 +171,7 @@ class SessionBridge:
         self._wake_pending = False
         self._overflowed = False
         self._request_running = False
+        self._request_started = False
         #: Requests handed to the worker task and not yet answered.
         self._queued_requests = 0
         self._answering_inline = False
@@ -355,19 +356,32 @@ class SessionBridge:
     async def _handle_in_thread(self, data: bytes) -> None:
         with self._lock:
             self._request_running = True
+            self._request_started = False
         executor = self.settings.executor
-        if executor is None:
-            # The thread is abandoned on cancel: it cannot be interrupted, and
-            # _finish_request closes the session once it returns.
-            await anyio.to_thread.run_sync(
-                self._run_request, data, limiter=self._limiter, abandon_on_cancel=True
-            )
-            return
-        future = executor.submit(self._run_request, data)
-        future.add_done_callback(self._on_executor_done)
-        await asyncio.wrap_future(future)
+        try:
+            if executor is None:
+                # The thread is abandoned on cancel: it cannot be interrupted, and
+                # _finish_request closes the session once it returns.
+                await anyio.to_thread.run_sync(
+                    self._run_request, data, limiter=self._limiter, abandon_on_cancel=True
+                )
+                return
+            future = executor.submit(self._run_request, data)
+            future.add_done_callback(self._on_executor_done)
+            await asyncio.wrap_future(future)
+        except anyio.get_cancelled_exc_class():
+            with self._lock:
+                if not self._request_started:
+                    # Cancelled while waiting for a thread: anyio will never run it, so no
+                    # thread is left to close the session; _release_session must do it.
+                    self._request_running = False
+            raise
 
     def _run_request(self, data: bytes) -> None:
+        with self._lock:
+            if not self._request_running:
+                return  # Given up on before it started; the session may be closed already.
+            self._request_started = True
         try:
             self._handle(data)
         finally:
