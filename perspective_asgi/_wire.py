@@ -100,54 +100,65 @@ def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     raise _invalid("varint longer than 10 bytes")
 
 
-def read_envelope(data: bytes | memoryview) -> Envelope:
-    """Check that ``data`` is a well-formed protobuf message and return its routing fields.
+def _tokens(view: memoryview) -> Iterator[tuple[int, int, int | memoryview | None]]:
+    """Yield ``(number, wire type, value)`` for each field of one message, checking its framing.
 
-    Nested messages are not descended into: the engine validates them and answers a bad one
-    with a ``ServerError``. Unknown top-level fields are skipped, as protobuf requires.
+    A varint's value is an ``int``, a length-delimited field's a ``memoryview`` of its bytes, a
+    fixed-width field's ``None`` (nothing here needs one).
     """
-    view = memoryview(data)
     end = len(view)
-    if end == 0:
-        raise _invalid("empty frame")
-    msg_id, entity_id, kind = 0, "", None
-    body: bytes | memoryview = b""
     pos = 0
     while pos < end:
         key, pos = read_varint(view, pos)
         number, wire_type = key >> 3, key & 7
         if number == 0 or number > 0x1FFFFFFF:
             raise _invalid(f"field number {number} out of range")
-        if number == 1 and wire_type != _VARINT:
-            raise _invalid("msg_id is not a varint")
-        if number == 2 and wire_type != _LENGTH_DELIMITED:
-            raise _invalid("entity_id is not a string")
+        value: int | memoryview | None = None
         if wire_type == _VARINT:
             value, pos = read_varint(view, pos)
-            if number == 1:
-                if value >> 32:
-                    raise _invalid("msg_id does not fit 32 bits")
-                msg_id = value
-            continue
-        if wire_type == _FIXED64:
+        elif wire_type == _FIXED64:
             pos += 8
         elif wire_type == _FIXED32:
             pos += 4
         elif wire_type == _LENGTH_DELIMITED:
             length, pos = read_varint(view, pos)
             start, pos = pos, pos + length
-            if pos <= end:
-                if number == 2:
-                    try:
-                        entity_id = str(view[start:pos], "utf-8")
-                    except UnicodeDecodeError:
-                        raise _invalid("entity_id is not UTF-8") from None
-                else:
-                    kind, body = number, view[start:pos]
+            value = view[start:pos]
         else:
             raise _invalid(f"unsupported wire type {wire_type}")
         if pos > end:
-            raise _invalid("field runs past the end of the frame")
+            raise _invalid("field runs past the end of its message")
+        yield number, wire_type, value
+
+
+def read_envelope(data: bytes | memoryview) -> Envelope:
+    """Check that ``data`` is a well-formed protobuf message and return its routing fields.
+
+    Nested messages are not descended into here: the view guard reads the few it needs, and
+    the engine answers other bad ones with a ``ServerError``. Unknown top-level fields are
+    skipped, as protobuf requires.
+    """
+    view = memoryview(data)
+    if not len(view):
+        raise _invalid("empty frame")
+    msg_id, entity_id, kind = 0, "", None
+    body: bytes | memoryview = b""
+    for number, wire_type, value in _tokens(view):
+        if number == 1:
+            if not isinstance(value, int) or wire_type != _VARINT:
+                raise _invalid("msg_id is not a varint")
+            if value >> 32:
+                raise _invalid("msg_id does not fit 32 bits")
+            msg_id = value
+        elif number == 2:
+            if not isinstance(value, memoryview):
+                raise _invalid("entity_id is not a string")
+            try:
+                entity_id = str(value, "utf-8")
+            except UnicodeDecodeError:
+                raise _invalid("entity_id is not UTF-8") from None
+        elif isinstance(value, memoryview):
+            kind, body = number, value
     return Envelope(msg_id, entity_id, kind, body)
 
 
@@ -156,29 +167,9 @@ def read_fields(data: bytes | memoryview) -> Iterator[tuple[int, int | memoryvie
 
     A varint's value is an ``int``; a length-delimited field's is a ``memoryview`` of its bytes.
     """
-    view = memoryview(data)
-    end = len(view)
-    pos = 0
-    while pos < end:
-        key, pos = read_varint(view, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == _VARINT:
-            value, pos = read_varint(view, pos)
+    for number, _, value in _tokens(memoryview(data)):
+        if value is not None:
             yield number, value
-            continue
-        if wire_type == _FIXED64:
-            pos += 8
-        elif wire_type == _FIXED32:
-            pos += 4
-        elif wire_type == _LENGTH_DELIMITED:
-            length, pos = read_varint(view, pos)
-            if pos + length <= end:
-                yield number, view[pos:pos + length]
-            pos += length
-        else:
-            raise _invalid(f"unsupported wire type {wire_type}")
-        if pos > end:
-            raise _invalid("field runs past the end of a nested message")
 
 
 def _encode_varint(value: int) -> bytes:
