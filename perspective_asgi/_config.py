@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -97,3 +98,15 @@ def _normalise_origins(origins: Iterable[str]) -> frozenset[str]:
             raise ValueError(f"allowed_origins entries must be non-empty strings, got {origin!r}")
         normalised.add(origin if origin == "*" else origin.lower().rstrip("/"))
     return frozenset(normalised)
+
+
+def resolve_settings(
+    settings: Settings | None, executor: concurrent.futures.Executor | None = None
+) -> Settings:
+    """Return ``settings`` (the defaults if ``None``), with ``executor`` taking precedence.
+
+    The adapters accept ``executor=`` beside ``settings=`` for compatibility with Perspective's
+    reference handlers.
+    """
+    settings = settings or Settings()
+    return settings if executor is None else dataclasses.replace(settings, executor=executor)

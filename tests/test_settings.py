@@ -120,3 +120,19 @@ def test_is_keyword_only() -> None:
 def test_executor_is_kept() -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         assert Settings(executor=executor).executor is executor
+
+
+def test_adapters_take_an_executor_beside_settings() -> None:
+    import concurrent.futures
+
+    from perspective_asgi import PerspectiveASGIApp
+    from perspective_asgi._config import resolve_settings
+
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        assert resolve_settings(None) == Settings()
+        given = Settings(max_pending_requests=3)
+        assert resolve_settings(given) is given
+        merged = resolve_settings(given, executor)
+        assert (merged.executor, merged.max_pending_requests) == (executor, 3)
+        app = PerspectiveASGIApp(settings=given, executor=executor)
+        assert app.settings == merged

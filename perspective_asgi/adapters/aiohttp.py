@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 
 import perspective
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .._auth import HandshakeRequest, Refusal, authenticate_handshake
 from .._codes import CloseCode
-from .._config import Settings
+from .._config import Settings, resolve_settings
 from .._exceptions import ConnectionClosed, ProtocolError
 from .._origin import refuse_origin
 from .._session import SessionBridge
@@ -97,9 +96,7 @@ class PerspectiveAIOHTTPHandler:
     ) -> None:
         self.perspective_server = perspective_server or perspective.GLOBAL_SERVER
         self.request = request
-        settings = settings or Settings()
-        if executor is not None:
-            settings = dataclasses.replace(settings, executor=executor)
+        settings = resolve_settings(settings, executor)
         self.settings = settings
         self.bridge: SessionBridge | None = None
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 
 import perspective
 
 from .._asgi import serve_websocket
-from .._config import Settings
+from .._config import Settings, resolve_settings
 from .._types import Receive, Scope, Send, SessionFactory
 
 
@@ -33,9 +32,7 @@ class PerspectiveASGIApp:
         executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.perspective_server: SessionFactory = perspective_server or perspective.GLOBAL_SERVER
-        settings = settings or Settings()
-        if executor is not None:
-            settings = dataclasses.replace(settings, executor=executor)
+        settings = resolve_settings(settings, executor)
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -32,7 +32,6 @@ raising ``WebSocketException`` (FastAPI closes the websocket, which the server a
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,14 +40,9 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from .._asgi import ASGITransport, serve_websocket
-from .._config import Settings
+from .._config import Settings, resolve_settings
 from .._session import SessionBridge
 from .._types import SessionFactory
-
-
-def _settings(settings: Settings | None, executor: concurrent.futures.Executor | None) -> Settings:
-    settings = settings or Settings()
-    return settings if executor is None else dataclasses.replace(settings, executor=executor)
 
 
 class PerspectiveStarletteHandler:
@@ -74,7 +68,7 @@ class PerspectiveStarletteHandler:
     ) -> None:
         self.perspective_server = perspective_server or perspective.GLOBAL_SERVER
         self.websocket = websocket
-        self.settings = _settings(settings, executor)
+        self.settings = resolve_settings(settings, executor)
         self.principal = principal
 
     async def run(self) -> None:
@@ -110,7 +104,7 @@ def websocket_endpoint(
     executor: concurrent.futures.Executor | None = None,
 ) -> Callable[[WebSocket], Awaitable[None]]:
     """Return an endpoint for ``app.add_websocket_route`` or FastAPI's ``@app.websocket``."""
-    resolved = _settings(settings, executor)
+    resolved = resolve_settings(settings, executor)
 
     async def endpoint(websocket: WebSocket) -> None:
         handler = PerspectiveStarletteHandler(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 from typing import Any
 
 import anyio
@@ -26,7 +25,7 @@ from tornado.web import HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .._auth import HandshakeRequest, Refusal, authenticate_handshake
-from .._config import Settings
+from .._config import Settings, resolve_settings
 from .._exceptions import ConnectionClosed
 from .._origin import refuse_origin
 from .._session import SessionBridge
@@ -97,9 +96,7 @@ class PerspectiveTornadoHandler(WebSocketHandler):
         describes; otherwise the same-origin rule and ``settings.allowed_origins`` apply.
         """
         self.perspective_server = perspective_server or perspective.GLOBAL_SERVER
-        settings = settings or Settings()
-        if executor is not None:
-            settings = dataclasses.replace(settings, executor=executor)
+        settings = resolve_settings(settings, executor)
         # Tornado's RequestHandler.settings is the Application's; ours live beside it.
         self.session_settings = settings
         self._allow_any_origin = check_origin
