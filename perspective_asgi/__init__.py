@@ -18,6 +18,7 @@ from ._exceptions import (
 )
 from ._observer import SessionObserver
 from ._origin import origin_allowed
+from ._policy import Policy
 from ._session import SessionBridge, SessionState, close_all_connections
 from ._types import Transport
 from .adapters.asgi import PerspectiveASGIApp
@@ -31,6 +32,7 @@ __all__ = [
     "HandshakeRequest",
     "PerspectiveASGIApp",
     "PerspectiveASGIError",
+    "Policy",
     "ProtocolError",
     "SessionBridge",
     "SessionObserver",

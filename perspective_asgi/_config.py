@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ._auth import Authenticate
 from ._observer import SessionObserver
+from ._policy import Policy, PolicySource
 from ._wire import CHEAP_REQUEST_KINDS
 
 MiB = 1024 * 1024
@@ -50,8 +51,42 @@ class Settings:
     max_request_threads: int = 8
 
     #: Refuse every request that creates, changes or deletes a table (``make_table``,
-    #: ``update``, ``replace``, ``remove``, ``delete``, ``join``) with a ``ServerError`` reply.
+    #: ``update``, ``replace``, ``remove``, ``delete``, ``join``) with a ``ServerError`` reply,
+    #: for every connection whatever its ``policy``.
     read_only: bool = False
+
+    #: What each connection may do: a ``Policy`` for all, or a function of the principal
+    #: (see ``authenticate``) returning one, called once per connection before its session is
+    #: created. ``None`` allows everything but what ``read_only`` refuses.
+    policy: PolicySource | None = None
+
+    #: Requests refused by the policy or the view guard that a connection is answered for with
+    #: an error reply; the next one closes it with 1008. A client that keeps probing is hostile
+    #: or broken; the stock clients never send a refused request by themselves.
+    max_violations: int = 16
+
+    #: Open connections to one Perspective server in this process (across every adapter that
+    #: serves it); past it a connection is closed with 1013 before any session is created.
+    #: ``None`` for no limit. Each idle connection costs tens of KiB and a file descriptor.
+    max_connections: int | None = 10_000
+
+    #: Open connections per principal (compared by equality); ``None`` for no limit.
+    #: Connections without a principal (no ``authenticate`` hook) count only toward
+    #: ``max_connections``.
+    max_connections_per_principal: int | None = None
+
+    #: Views a connection may hold at once; a ``table.view()`` past it is refused. A viewer
+    #: holds one or two; ``None`` for no limit.
+    max_views_per_connection: int | None = 256
+
+    #: Requests per second a connection may send on average (a token bucket); a request past
+    #: the rate is refused with an error reply without reaching the engine. ``None`` (the
+    #: default) for no limit: scripts legitimately send thousands of cheap requests a second.
+    max_requests_per_second: float | None = None
+
+    #: Requests a connection may send at once before the rate applies; ``None`` means one
+    #: second's worth of ``max_requests_per_second`` (at least 1).
+    request_burst: int | None = None
 
     #: Worker threads shared by all connections to one virtual server (any factory other than
     #: ``perspective.Server``/``AsyncServer``). 1 serialises its requests, as Perspective's own
@@ -76,9 +111,30 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("max_message_size", "max_send_queue_bytes", "max_pending_requests",
                      "max_request_threads", "virtual_server_threads"):
+            _check_count(name, getattr(self, name))
+        for name in ("max_connections", "max_connections_per_principal",
+                     "max_views_per_connection", "request_burst"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None:
+                _check_count(name, value)
+        violations = self.max_violations
+        if not isinstance(violations, int) or isinstance(violations, bool) or violations < 0:
+            raise ValueError(
+                f"max_violations must be a non-negative integer, got {violations!r}"
+            )
+        rate = self.max_requests_per_second
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0
+        ):
+            raise ValueError(f"max_requests_per_second must be a positive number, got {rate!r}")
+        if self.request_burst is not None and rate is None:
+            raise ValueError("request_burst needs max_requests_per_second")
+        if self.policy is not None and not (
+            isinstance(self.policy, Policy) or callable(self.policy)
+        ):
+            raise ValueError(
+                f"policy must be a Policy or a function of the principal, got {self.policy!r}"
+            )
         timeout = self.close_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"close_timeout must be a positive number, got {timeout!r}")
@@ -88,6 +144,11 @@ class Settings:
             raise ValueError("allowed_origins must be a collection of origins, not a string")
         object.__setattr__(self, "allowed_origins", _normalise_origins(self.allowed_origins))
         object.__setattr__(self, "inline_request_kinds", frozenset(self.inline_request_kinds))
+
+
+def _check_count(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _normalise_origins(origins: Iterable[str]) -> frozenset[str]:

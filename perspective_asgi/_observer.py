@@ -22,13 +22,24 @@ class SessionObserver:
         """A connection ended with ``code``: the peer's, or the one the core sent."""
 
     def connection_refused(self, reason: str) -> None:
-        """A handshake was refused before any session was created, e.g. ``"origin"``."""
+        """A connection was refused before any session was created.
+
+        ``reason`` is ``"origin"``, ``"auth"``, ``"max_connections"`` or
+        ``"max_connections_per_principal"``.
+        """
 
     def message_received(self, size: int) -> None:
         """A binary message of ``size`` bytes arrived (before it is validated)."""
 
     def message_sent(self, size: int) -> None:
         """A message of ``size`` bytes was handed to the transport."""
+
+    def request_refused(self, kind: int | None, reason: str) -> None:
+        """A request of ``kind`` was refused without reaching the engine.
+
+        ``reason`` is one of ``"read_only"``, ``"table"``, ``"expressions"`` (the policy),
+        ``"view"``, ``"views"``, ``"invalid"`` (the view guard) or ``"rate"``.
+        """
 
     def request_handled(self, kind: int | None, seconds: float) -> None:
         """The engine answered a request of ``kind`` (``Request`` field number) in ``seconds``."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import enum
 import inspect
 import itertools
@@ -39,11 +40,13 @@ import perspective
 from ._codes import QUIET_CLOSE_CODES, CloseCode
 from ._config import Settings
 from ._exceptions import ConnectionClosed, ProtocolError
+from ._hosted import HostedTablesProbe
+from ._limits import TokenBucket, connection_slots
 from ._observer import NULL_OBSERVER
-from ._policy import refuse_read_only
+from ._policy import ALLOW_ALL, Policy, PolicyGuard, Refused
 from ._types import SessionFactory, Transport
 from ._views import ViewGuard
-from ._wire import Envelope, read_envelope
+from ._wire import GET_HOSTED_TABLES, Envelope, encode_server_error, read_envelope
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -163,7 +166,21 @@ class SessionBridge:
         self._inline_kinds = (
             self.settings.inline_request_kinds if self._engine_is_server else frozenset()
         )
-        self._views = ViewGuard(engine)
+        self._engine = engine
+        self._views = ViewGuard(engine, self.settings.max_views_per_connection)
+        #: Set in ``run`` from ``Settings.policy``, once the principal is known.
+        self._guard = PolicyGuard(ALLOW_ALL, self._views.owns)
+        rate = self.settings.max_requests_per_second
+        self._bucket = None if rate is None else TokenBucket(
+            rate, self.settings.request_burst or max(1, int(rate))
+        )
+        #: Requests refused by the policy or the view guard so far.
+        self.violations = 0
+        self._probe: HostedTablesProbe | None = None
+        self._hosted_visible: frozenset[str] | None = None
+        #: Hosted-tables change notifications waiting to be checked, by subscription msg_id.
+        self._hosted_pending: dict[int, bytes] = {}
+        self._hosted_wakeup: anyio.Event | None = None
         self._session: Any = None
         self._lock = threading.Lock()
         self._outbox: deque[bytes] = deque()
@@ -210,6 +227,44 @@ class SessionBridge:
             self._finished.set()
 
     async def _serve(self, transport: Transport) -> None:
+        slots = connection_slots(self._engine)
+        refused = slots.acquire(self.principal, self.settings)
+        if refused is not None:
+            # Before any session exists: a refused connection costs the engine nothing.
+            self._observer.connection_refused(refused)
+            logger.warning("%s: closing with 1013: %s reached", self.name, refused)
+            self.close_code = CloseCode.TRY_AGAIN_LATER
+            with anyio.move_on_after(self.settings.close_timeout, shield=True):
+                await transport.close(CloseCode.TRY_AGAIN_LATER, f"{refused} reached")
+            return
+        try:
+            await self._serve_admitted(transport)
+        finally:
+            slots.release(self.principal)
+
+    def _resolve_policy(self) -> Policy:
+        source = self.settings.policy
+        policy = ALLOW_ALL if source is None else (
+            source if isinstance(source, Policy) else source(self.principal)
+        )
+        if not isinstance(policy, Policy):
+            raise TypeError(f"Settings.policy returned {policy!r}, not a Policy")
+        if self.settings.read_only and not policy.read_only:
+            policy = dataclasses.replace(policy, read_only=True)
+        return policy
+
+    async def _serve_admitted(self, transport: Transport) -> None:
+        try:
+            self._guard = PolicyGuard(self._resolve_policy(), self._views.owns)
+        except Exception:
+            logger.exception("%s: Settings.policy failed; closing with 1011", self.name)
+            self.close_code = CloseCode.INTERNAL_ERROR
+            with anyio.move_on_after(self.settings.close_timeout, shield=True):
+                await transport.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return
+        if self._guard.filters_tables:
+            # Subscriptions to the hosted-tables list need a first listing on the worker task.
+            self._inline_kinds = frozenset(self._inline_kinds) - {GET_HOSTED_TABLES}
         if self._limiter is None:
             if self._engine_is_server:
                 self._limiter = _thread_limiter(0, self.settings.max_request_threads)
@@ -232,6 +287,9 @@ class SessionBridge:
                 self._scope = tasks.cancel_scope
                 tasks.start_soon(self._write_loop, transport)
                 tasks.start_soon(self._request_loop, inbox_receive)
+                if self._guard.filters_tables:
+                    self._hosted_wakeup = anyio.Event()
+                    tasks.start_soon(self._hosted_tables_loop)
                 await self._read_loop(transport, inbox_send)
         except anyio.get_cancelled_exc_class():
             # The server is shutting down and cancelled this connection: tell the client why
@@ -250,9 +308,11 @@ class SessionBridge:
                 self._outbox.clear()
                 self._outbox_bytes = 0
             closing = self._release_session()
-            if closing is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if closing is not None:
                     await closing
+                if self._probe is not None:
+                    await self._close_probe()
         if not peer_gone:
             abort = self._abort or _Abort(CloseCode.GOING_AWAY, "")
             self.close_code = abort.code
@@ -316,6 +376,7 @@ class SessionBridge:
                 try:
                     refusal = self._refusal(envelope)
                     if refusal is None:
+                        self._guard.note_request(envelope)
                         self._handle(data)
                         self._views.handled(envelope)
                     else:
@@ -343,7 +404,13 @@ class SessionBridge:
             refusal = self._refusal(envelope)
             if refusal is not None:
                 self._on_response(refusal)
-            elif self._is_async:
+                self._queued_requests -= 1
+                continue
+            if self._guard.note_request(envelope):
+                # What the client may see of the hosted tables now; later notifications are
+                # passed on only when that changes.
+                self._hosted_visible = await self._visible_tables()
+            if self._is_async:
                 await self._session.handle_request(data)
             elif kind in self._inline_kinds:
                 self._handle(data)
@@ -388,12 +455,29 @@ class SessionBridge:
             self._finish_request()
 
     def _refusal(self, envelope: Envelope) -> bytes | None:
-        """Return a ``ServerError`` reply if a policy or the view guard refuses ``envelope``."""
-        if self.settings.read_only:
-            refusal = refuse_read_only(envelope)
-            if refusal is not None:
-                return refusal
-        return self._views.refuse(envelope)
+        """Return a ``ServerError`` reply if a limit, the policy or the view guard refuses
+        ``envelope``; raise to close with 1008 once the connection has too many refusals."""
+        if self._bucket is not None and not self._bucket.take():
+            # Not a violation: a client that bursts is throttled, not judged.
+            refused = Refused(
+                "rate", f"rate limit: over {self.settings.max_requests_per_second:g} "
+                "requests per second"
+            )
+        else:
+            found = self._guard.refuse(envelope) or self._views.refuse(envelope)
+            if found is None:
+                return None
+            refused = found
+            self.violations += 1
+        self._observer.request_refused(envelope.kind, refused.reason)
+        if self.violations > self.settings.max_violations:
+            raise ProtocolError(
+                CloseCode.POLICY_VIOLATION,
+                f"too many refused requests ({self.violations}); the last: {refused.message}",
+            )
+        return encode_server_error(
+            envelope.msg_id, envelope.entity_id, refused.message, refused.status
+        )
 
     def _handle(self, data: bytes) -> None:
         try:
@@ -423,36 +507,102 @@ class SessionBridge:
         """Perspective's callback: runs on any thread, must never block the engine or raise."""
         try:
             self._views.on_response(data)
-            size = len(data)
-            on_loop = threading.get_ident() == self._loop_thread
-            with self._lock:
-                if self.state is not SessionState.OPEN or self._overflowed:
+            if self._guard.filters_tables:
+                data, notification = self._guard.filter_reply(data)
+                if notification:
+                    self._hosted_tables_changed(data)
                     return
-                if self._outbox and self._outbox_bytes + size > self.settings.max_send_queue_bytes:
-                    # Only pushed updates can get here (see _request_loop). Holding more would
-                    # let one stalled client grow server memory without limit.
-                    self._overflowed = True
-                    self._outbox.clear()
-                    self._outbox_bytes = 0
-                else:
-                    self._outbox.append(data)
-                    self._outbox_bytes += size
-                if not self._overflowed and (
-                    self._wake_pending or (on_loop and self._answering_inline)
-                ):
-                    return  # A wake-up is on its way, or the reader flushes right after.
-                self._wake_pending = True
-            if on_loop:
-                self._wake_writer()
-            elif self._handoff is not None:
-                self._handoff(self._wake_writer)
+            self._enqueue(data)
         except Exception:
             # The loop may already be closed during interpreter or server shutdown.
             logger.debug("%s: dropped a response", self.name, exc_info=True)
 
+    def _enqueue(self, data: bytes) -> None:
+        """Queue ``data`` for the writer; any thread may call it."""
+        size = len(data)
+        on_loop = threading.get_ident() == self._loop_thread
+        with self._lock:
+            if self.state is not SessionState.OPEN or self._overflowed:
+                return
+            if self._outbox and self._outbox_bytes + size > self.settings.max_send_queue_bytes:
+                # Only pushed updates can get here (see _request_loop). Holding more would
+                # let one stalled client grow server memory without limit.
+                self._overflowed = True
+                self._outbox.clear()
+                self._outbox_bytes = 0
+            else:
+                self._outbox.append(data)
+                self._outbox_bytes += size
+            if not self._overflowed and (
+                self._wake_pending or (on_loop and self._answering_inline)
+            ):
+                return  # A wake-up is on its way, or the reader flushes right after.
+            self._wake_pending = True
+        if on_loop:
+            self._wake_writer()
+        elif self._handoff is not None:
+            self._handoff(self._wake_writer)
+
     async def _on_response_async(self, data: bytes) -> None:
         # AsyncServer awaits its callback on the event loop.
         self._on_response(data)
+
+    # Hosted tables, under a table allow-list ----------------------------------------------
+
+    def _hosted_tables_changed(self, notification: bytes) -> None:
+        """A subscription was told the hosted tables changed; any thread may call it."""
+        with self._lock:
+            if self.state is not SessionState.OPEN:
+                return
+            first = not self._hosted_pending
+            self._hosted_pending[read_envelope(notification).msg_id] = notification
+        if not first:
+            return  # The check already scheduled covers this one.
+        if threading.get_ident() == self._loop_thread:
+            self._wake_hosted()
+        elif self._handoff is not None:
+            self._handoff(self._wake_hosted)
+
+    def _wake_hosted(self) -> None:
+        if self._hosted_wakeup is not None:
+            self._hosted_wakeup.set()
+
+    async def _hosted_tables_loop(self) -> None:
+        while True:
+            assert self._hosted_wakeup is not None
+            await self._hosted_wakeup.wait()
+            self._hosted_wakeup = anyio.Event()
+            with self._lock:
+                pending, self._hosted_pending = self._hosted_pending, {}
+            if not pending:
+                continue
+            visible = await self._visible_tables()
+            if visible == self._hosted_visible:
+                continue  # Only hidden tables came or went: the client must not know.
+            self._hosted_visible = visible
+            for notification in pending.values():
+                self._enqueue(notification)
+
+    async def _visible_tables(self) -> frozenset[str]:
+        if self._probe is None:
+            self._probe = HostedTablesProbe(self.factory, self._is_async)
+        probe = self._probe
+        if self._engine_is_server or self._is_async:
+            names = await probe.names()  # microseconds on the in-memory engine
+        else:
+            names = await probe.names(
+                lambda call: anyio.to_thread.run_sync(call, limiter=self._limiter)
+            )
+        return self._guard.visible(names)
+
+    async def _close_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return
+        try:
+            await probe.close()
+        except Exception:
+            logger.exception("%s: closing the hosted-tables session failed", self.name)
 
     def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> None:
         """Ask a running connection to close with ``code``; call it on the connection's loop."""

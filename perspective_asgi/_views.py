@@ -7,6 +7,8 @@ The engine trusts its clients with view ids, and a websocket client is not to be
   sessions aborts the process (the engine throws ``PerspectiveViewNotFoundException`` out of a
   destructor). So each connection may act only on the views it created, and a view id may be
   live on one connection of an engine at a time.
+* a table made from a view (``client.table(view)``) names the view by id: it must be one of
+  the connection's own views too, or it would copy another connection's view.
 * a filter with no value, for any operator but ``in`` and ``not in``, dereferences a null
   pointer (perspective-python 4.4 and 5.6). The stock clients always send a value (``null`` for
   ``is null``), so only hand-built frames are refused.
@@ -20,19 +22,20 @@ from __future__ import annotations
 import threading
 
 from ._exceptions import ProtocolError
+from ._policy import Refused
 from ._wire import (
     SERVER_ERROR,
+    TABLE_DATA_REQUEST_KINDS,
     TABLE_MAKE_VIEW,
     VIEW_DELETE,
     VIEW_REQUEST_KINDS,
     Envelope,
-    encode_server_error,
     read_envelope,
     read_fields,
 )
 
 #: ``StatusCode.VIEW_NOT_FOUND``: what the engine answers for a view it does not know.
-_VIEW_NOT_FOUND = 1
+VIEW_NOT_FOUND = 1
 
 #: Filter operators the engine accepts with no value: the empty set.
 _OPERATORS_WITHOUT_VALUE = frozenset({"in", "not in"})
@@ -45,43 +48,59 @@ _live_views: dict[int, set[str]] = {}
 class ViewGuard:
     """One connection's views; answers whether each request may reach the engine."""
 
-    def __init__(self, engine: object) -> None:
+    def __init__(self, engine: object, max_views: int | None = None) -> None:
         self._engine = id(engine)
-        self._owned: set[str] = set()
+        self._max_views = max_views
+        #: The table of each view this connection created and has not deleted.
+        self._owned: dict[str, str] = {}
         #: The msg_id and view id of the view being created, until the engine answers.
         self._creating: tuple[int, str] | None = None
 
-    def refuse(self, envelope: Envelope) -> bytes | None:
-        """Return a ``ServerError`` response refusing ``envelope``, or ``None`` to let it through.
+    def owns(self, view_id: str) -> bool:
+        """Whether ``view_id`` is a live view of this connection."""
+        return view_id in self._owned
+
+    def table_of(self, view_id: str) -> str | None:
+        """The table a view of this connection was made on."""
+        return self._owned.get(view_id)
+
+    def refuse(self, envelope: Envelope) -> Refused | None:
+        """Return why ``envelope`` is refused, or ``None`` to let it through.
 
         Called in the order requests are handed to the engine, one at a time.
         """
         kind = envelope.kind
         if kind in VIEW_REQUEST_KINDS:
             if envelope.entity_id not in self._owned:
-                return encode_server_error(
-                    envelope.msg_id,
-                    envelope.entity_id,
-                    f"View not found: '{envelope.entity_id}' is not a view of this connection",
-                    _VIEW_NOT_FOUND,
-                )
+                return _not_found(envelope.entity_id)
+            return None
+        if kind in TABLE_DATA_REQUEST_KINDS:
+            source = _source_view(envelope.body)
+            if source is not None and source not in self._owned:
+                return _not_found(source)
             return None
         if kind == TABLE_MAKE_VIEW:
-            try:
-                view_id, reason = _check_make_view(envelope.body)
-            except ProtocolError as exc:
-                reason, view_id = exc.reason, None
-            if reason is None and view_id is not None:
-                with _registry_lock:
-                    live = _live_views.setdefault(self._engine, set())
-                    if view_id in live:
-                        reason = f"view id '{view_id}' is already in use"
-                    else:
-                        live.add(view_id)
-                        self._owned.add(view_id)
-                        self._creating = (envelope.msg_id, view_id)
-            if reason is not None:
-                return encode_server_error(envelope.msg_id, envelope.entity_id, reason)
+            return self._claim(envelope)
+        return None
+
+    def _claim(self, envelope: Envelope) -> Refused | None:
+        try:
+            view_id, reason = _check_make_view(envelope.body)
+        except ProtocolError as exc:
+            return Refused("invalid", exc.reason)
+        if reason is not None:
+            return Refused("invalid", reason)
+        if self._max_views is not None and len(self._owned) >= self._max_views:
+            return Refused(
+                "views", f"too many views: a connection may hold {self._max_views} at a time"
+            )
+        with _registry_lock:
+            live = _live_views.setdefault(self._engine, set())
+            if view_id in live:
+                return Refused("view", f"view id '{view_id}' is already in use")
+            live.add(view_id)
+            self._owned[view_id] = envelope.entity_id
+            self._creating = (envelope.msg_id, view_id)
         return None
 
     def handled(self, envelope: Envelope) -> None:
@@ -107,7 +126,7 @@ class ViewGuard:
         """Free every view id of this connection, once its session is closed."""
         with _registry_lock:
             live = _live_views.get(self._engine, set())
-            live.difference_update(self._owned)
+            live.difference_update(self._owned.keys())
             if not live:
                 _live_views.pop(self._engine, None)
             self._owned.clear()
@@ -116,16 +135,32 @@ class ViewGuard:
         with _registry_lock:
             if view_id not in self._owned:
                 return
-            self._owned.discard(view_id)
+            del self._owned[view_id]
             live = _live_views.get(self._engine, set())
             live.discard(view_id)
             if not live:
                 _live_views.pop(self._engine, None)
 
 
-def _check_make_view(body: bytes | memoryview) -> tuple[str | None, str | None]:
+def _not_found(view_id: str) -> Refused:
+    return Refused(
+        "view", f"View not found: '{view_id}' is not a view of this connection", VIEW_NOT_FOUND
+    )
+
+
+def _source_view(body: bytes | memoryview) -> str | None:
+    """Return the view id a ``MakeTableData`` (field 1 of ``body``) copies, if it names one."""
+    for number, data in read_fields(body):
+        if number == 1 and isinstance(data, memoryview):
+            for data_number, value in read_fields(data):
+                if data_number == 6 and isinstance(value, memoryview):  # from_view
+                    return str(value, "utf-8", "replace")
+    return None
+
+
+def _check_make_view(body: bytes | memoryview) -> tuple[str, str | None]:
     """Return a ``TableMakeViewReq``'s view id, and why it must be refused (``None`` if not)."""
-    view_id: str | None = None
+    view_id = ""
     reason: str | None = None
     for number, value in read_fields(body):
         if isinstance(value, int):
@@ -134,11 +169,9 @@ def _check_make_view(body: bytes | memoryview) -> tuple[str | None, str | None]:
             try:
                 view_id = str(value, "utf-8")
             except UnicodeDecodeError:
-                return None, "view id is not UTF-8"
+                return "", "view id is not UTF-8"
         elif number == 2 and reason is None:
             reason = _check_config(value)
-    if view_id is None:
-        view_id = ""
     return view_id, reason
 
 

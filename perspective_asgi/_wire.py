@@ -47,8 +47,21 @@ CHEAP_REQUEST_KINDS = frozenset(
 VIEW_REQUEST_KINDS = frozenset({10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 21, 22, 23, 24, 25, 26,
                                 34, 35, 36})
 
+#: Request kinds whose ``entity_id`` names an existing table (``make_table`` names a new one).
+TABLE_REQUEST_KINDS = frozenset({5, 6, 7, 8, 9, 28, 29, 30, 31, 32, 33, 41})
+
+#: ``table_validate_expr``: field 9 in perspective-python 4.x, 41 in 5.x.
+TABLE_VALIDATE_EXPR_KINDS = frozenset({9, 41})
+
+#: Request kinds whose body carries a ``MakeTableData`` (field 1), which may name a view.
+TABLE_DATA_REQUEST_KINDS = frozenset({27, 31, 32, 33})
+
+GET_HOSTED_TABLES = 4
 TABLE_MAKE_VIEW = 6
 VIEW_DELETE = 11
+MAKE_TABLE = 27
+REMOVE_HOSTED_TABLES_UPDATE = 37
+MAKE_JOIN_TABLE = 38
 #: ``Response.server_error``: the member of the ``client_resp`` oneof that reports a failure.
 SERVER_ERROR = 50
 
@@ -183,6 +196,13 @@ def _encode_varint(value: int) -> bytes:
 
 def _length_delimited(number: int, payload: bytes) -> bytes:
     return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(payload)) + payload
+
+
+def encode_field(number: int, value: int | bytes) -> bytes:
+    """Encode one field: a varint for an ``int``, length-delimited for ``bytes``."""
+    if isinstance(value, int):
+        return _encode_varint(number << 3 | _VARINT) + _encode_varint(value)
+    return _length_delimited(number, value)
 
 
 def encode_server_error(msg_id: int, entity_id: str, message: str, status_code: int = 0) -> bytes:

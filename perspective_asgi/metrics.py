@@ -23,7 +23,8 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 
 class PrometheusObserver(SessionObserver):
-    """Counts connections, messages, bytes, request latency, closes and refusals."""
+    """Counts connections, messages, bytes, request latency, closes and refusals of
+    connections and requests."""
 
     def __init__(
         self, registry: CollectorRegistry | None = None, prefix: str = "perspective"
@@ -49,8 +50,13 @@ class PrometheusObserver(SessionObserver):
             registry=self.registry,
         )
         self.refusals = Counter(
-            f"{prefix}_refused_connections", "Handshakes refused, by reason.", ["reason"],
-            registry=self.registry,
+            f"{prefix}_refused_connections", "Connections refused before a session, by reason.",
+            ["reason"], registry=self.registry,
+        )
+        self.refused_requests = Counter(
+            f"{prefix}_refused_requests",
+            "Requests refused without reaching the engine, by reason and kind.",
+            ["reason", "kind"], registry=self.registry,
         )
         self.queued = Gauge(
             f"{prefix}_send_queue_bytes",
@@ -71,6 +77,10 @@ class PrometheusObserver(SessionObserver):
 
     def connection_refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()
+
+    def request_refused(self, kind: int | None, reason: str) -> None:
+        name = REQUEST_KIND_NAMES.get(kind, "other") if kind is not None else "none"
+        self.refused_requests.labels(reason, name).inc()
 
     def message_received(self, size: int) -> None:
         self._received[0].inc()

@@ -21,6 +21,7 @@ EXPECTED = {
     "HandshakeRequest",
     "PerspectiveASGIApp",
     "PerspectiveASGIError",
+    "Policy",
     "ProtocolError",
     "SessionBridge",
     "SessionObserver",
