@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from ._config import Settings
+from ._policy import Policy
 
 __all__ = ["COMPRESSION_DEFAULT", "main"]
 
@@ -35,6 +36,33 @@ class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, like every other error of this command, instead of argparse's usage block.
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {value}")
+    return number
+
+
+def _names(value: str) -> frozenset[str]:
+    names = frozenset(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("no table names given")
+    return names
 
 
 def _port(value: str) -> int:
@@ -70,6 +98,30 @@ def _parser() -> argparse.ArgumentParser:
         "--read-only",
         action="store_true",
         help="refuse every request that creates, changes or deletes a table",
+    )
+    serve.add_argument(
+        "--tables",
+        metavar="NAME,...",
+        type=_names,
+        help="serve only these tables to clients: the others are neither listed nor usable",
+    )
+    serve.add_argument(
+        "--no-expressions",
+        action="store_true",
+        help="refuse views with expression columns",
+    )
+    serve.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_positive_int,
+        default=Settings.max_connections,
+        help="open websocket connections allowed at once (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-requests-per-second",
+        metavar="R",
+        type=_positive_float,
+        help="requests each connection may send per second on average (default: no limit)",
     )
     serve.add_argument(
         "--compression",
@@ -108,7 +160,12 @@ def _build_app(args: argparse.Namespace) -> Any:
             demo=demo,
             tables=sources.tables,
             virtual_server=sources.virtual_server,
-            settings=Settings(read_only=args.read_only),
+            settings=Settings(
+                read_only=args.read_only,
+                policy=Policy(tables=args.tables, allow_expressions=not args.no_expressions),
+                max_connections=args.max_connections,
+                max_requests_per_second=args.max_requests_per_second,
+            ),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,16 @@ def test_dashboard_shows_the_servers_data(
             columns=ORDERS_SORTED["columns"], sort=ORDERS_SORTED["sort"],
         ))
         assert shown == expected
+
+        # The viewer never sent a request the server refused (read-only, or a view guard
+        # refusal, which would count toward closing it with 1008).
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            metrics = response.read().decode()
+        assert "perspective_request_seconds" in metrics
+        refused = [line for line in metrics.splitlines()
+                   if line.startswith("perspective_refused_requests_total")]
+        assert refused == [], refused
 
     assert SCREENSHOT.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     if os.environ.get(UPDATE_SCREENSHOT_ENV) == "1":

@@ -754,6 +754,40 @@ def test_read_only_switch(tmp_path: Path) -> None:
         run(check())
 
 
+def test_table_allow_list_and_expressions_switches(tmp_path: Path) -> None:
+    path = write(tmp_path, "csv")
+    args = command("serve", str(path), "--tables", "readings", "--no-expressions",
+                   "--max-connections", "5", "--max-requests-per-second", "1000")
+    with serving(args, tmp_path) as server:
+
+        async def check() -> None:
+            async with perspective_client(server.url) as (client, _):
+                # The demo tables are served, but not to clients.
+                assert await client.get_hosted_table_names() == ["readings"]
+                with pytest.raises(perspective.PerspectiveError):
+                    await client.open_table("orders")
+                table = await client.open_table("readings")
+                with pytest.raises(perspective.PerspectiveError, match="expressions"):
+                    await table.view(expressions={"twice": '"id" * 2'})
+                assert await table.size() == 3
+
+        run(check())
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [("--max-connections", "0", "must be at least 1"),
+     ("--max-requests-per-second", "-1", "must be a positive number"),
+     ("--max-requests-per-second", "fast", "not a number"),
+     ("--tables", " , ", "no table names given")],
+)
+def test_limit_switches_are_checked(
+    option: str, value: str, words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", option, value]) == 2
+    assert words in capsys.readouterr().err
+
+
 def test_shutdown_closes_websockets_with_1001(tmp_path: Path) -> None:
     path = write(tmp_path, "csv")
     with serving(command("serve", str(path), "--no-demo"), tmp_path) as server:
