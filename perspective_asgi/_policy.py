@@ -93,12 +93,13 @@ class Refused(NamedTuple):
 class PolicyGuard:
     """Applies one connection's ``Policy`` to its requests and to the hosted-tables replies."""
 
-    def __init__(self, policy: Policy, owns_view: Callable[[str], bool]) -> None:
+    def __init__(self, policy: Policy, table_of: Callable[[str], str | None]) -> None:
         self.policy = policy
         self._tables: frozenset[str] | None = (
             None if policy.tables is None else frozenset(policy.tables)
         )
-        self._owns_view = owns_view
+        #: The table a view of this connection was made on (``None``: not its view).
+        self._table_of = table_of
         #: ``msg_id`` of each hosted-tables subscription: their notifications are filtered.
         self.subscriptions: set[int] = set()
 
@@ -140,13 +141,18 @@ class PolicyGuard:
             if not all(self.allows_table(name) for name in names):
                 return Refused("table", TABLE_NOT_FOUND_MESSAGE)
             return None
-        if kind in VIEW_REQUEST_KINDS or kind in REQUEST_KIND_NAMES:
-            # Views are checked by the view guard (only this connection's views, all made on
-            # permitted tables); the other known kinds name no table.
+        if kind in VIEW_REQUEST_KINDS:
+            # The view guard admits only this connection's views, all made on permitted
+            # tables; checked again here so the allow-list stands on its own.
+            table = self._table_of(envelope.entity_id)
+            if table is not None and not self.allows_table(table):
+                return Refused("table", TABLE_NOT_FOUND_MESSAGE)
             return None
+        if kind in REQUEST_KIND_NAMES:
+            return None  # the other known kinds name no table
         # A kind this version does not know: let it through only if it names nothing hidden.
         entity = envelope.entity_id
-        if entity and not self.allows_table(entity) and not self._owns_view(entity):
+        if entity and not self.allows_table(entity) and self._table_of(entity) is None:
             return Refused("table", TABLE_NOT_FOUND_MESSAGE)
         return None
 

@@ -169,7 +169,7 @@ class SessionBridge:
         self._engine = engine
         self._views = ViewGuard(engine, self.settings.max_views_per_connection)
         #: Set in ``run`` from ``Settings.policy``, once the principal is known.
-        self._guard = PolicyGuard(ALLOW_ALL, self._views.owns)
+        self._guard = PolicyGuard(ALLOW_ALL, self._views.table_of)
         rate = self.settings.max_requests_per_second
         self._bucket = None if rate is None else TokenBucket(
             rate, self.settings.request_burst or max(1, int(rate))
@@ -255,7 +255,7 @@ class SessionBridge:
 
     async def _serve_admitted(self, transport: Transport) -> None:
         try:
-            self._guard = PolicyGuard(self._resolve_policy(), self._views.owns)
+            self._guard = PolicyGuard(self._resolve_policy(), self._views.table_of)
         except Exception:
             logger.exception("%s: Settings.policy failed; closing with 1011", self.name)
             self.close_code = CloseCode.INTERNAL_ERROR

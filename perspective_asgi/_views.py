@@ -56,10 +56,6 @@ class ViewGuard:
         #: The msg_id and view id of the view being created, until the engine answers.
         self._creating: tuple[int, str] | None = None
 
-    def owns(self, view_id: str) -> bool:
-        """Whether ``view_id`` is a live view of this connection."""
-        return view_id in self._owned
-
     def table_of(self, view_id: str) -> str | None:
         """The table a view of this connection was made on."""
         return self._owned.get(view_id)

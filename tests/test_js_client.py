@@ -12,6 +12,8 @@ from pathlib import Path
 import perspective
 import pytest
 
+from perspective_asgi import AuthenticationFailed, HandshakeRequest, Policy, Settings
+
 from .conftest import DEMO_ROWS, CountingFactory
 
 JS_DIR = Path(__file__).parent / "js"
@@ -56,3 +58,34 @@ def test_stock_js_client(
     factory.wait_all_closed()
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not loud, [r.getMessage() for r in loud]
+
+
+async def viewer_token(request: HandshakeRequest) -> object:
+    if request.query.get("token") != "viewer-token":
+        raise AuthenticationFailed(403, "unknown token")
+    return "viewer"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [Settings(authenticate=viewer_token, policy=Policy(tables={"demo"}, read_only=True))],
+    ids=["read-only-principal"],
+)
+def test_stock_js_client_as_a_read_only_principal(
+    node: str, url: str, factory: CountingFactory, perspective_server: perspective.Server
+) -> None:
+    done = subprocess.run(
+        [node, str(JS_DIR / "scenario.mjs"), "--flavour", FLAVOUR, "--read-only",
+         f"{url}?token=viewer-token", "demo"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # Everything but the update worked: listing (filtered), views, group-by, on_update.
+    assert result["tables"] == ["demo"]
+    assert result["size_before"] == result["size_after"] == len(DEMO_ROWS["id"])
+    assert result["grouped_num_rows"] == 3
+    assert "read-only" in result["update_refused"]
+    assert result["client_errors"] == []
+    factory.wait_all_closed()
+    assert perspective_server.new_local_client().open_table("demo").size() == 4

@@ -1,7 +1,11 @@
 #!/usr/bin/env node
 // Drive the stock Perspective JS client against a websocket URL.
 //
-//   node tests/js/scenario.mjs --flavour v4|v5 [--timeout MS] [--row JSON] URL [TABLE]
+//   node tests/js/scenario.mjs --flavour v4|v5 [--timeout MS] [--row JSON] [--read-only]
+//                              URL [TABLE]
+//
+// With --read-only the update is expected to be refused: its error message is
+// reported as update_refused.
 //
 // The client package is loaded from tests/js/<flavour>/node_modules (see
 // install.sh).  Stdout carries exactly one JSON line: the results, or
@@ -15,7 +19,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const USAGE =
-    "usage: node scenario.mjs --flavour v4|v5 [--timeout MS] [--row JSON] URL [TABLE]";
+    "usage: node scenario.mjs --flavour v4|v5 [--timeout MS] [--row JSON] [--read-only] URL [TABLE]";
 
 // Keep stdout for our single JSON line: the client logs with console.debug
 // (e.g. "Closing WebSocket" on terminate), which Node writes to stdout.
@@ -57,7 +61,9 @@ process.on("uncaughtException", fail);
 process.on("unhandledRejection", fail);
 
 function parseArgs(argv) {
-    const opts = { flavour: "v5", timeout: 5000, row: null, table: "demo", url: null };
+    const opts = {
+        flavour: "v5", timeout: 5000, row: null, readOnly: false, table: "demo", url: null,
+    };
     const positional = [];
     for (let i = 0; i < argv.length; i++) {
         const a = argv[i];
@@ -69,6 +75,7 @@ function parseArgs(argv) {
         else if (a.startsWith("--flavour=")) opts.flavour = a.slice(10);
         else if (a === "--timeout") opts.timeout = Number(value());
         else if (a === "--row") opts.row = JSON.parse(value());
+        else if (a === "--read-only") opts.readOnly = true;
         else if (a === "-h" || a === "--help") throw new Error(USAGE);
         else if (a.startsWith("--")) throw new Error(`unknown option ${a}; ${USAGE}`);
         else positional.push(a);
@@ -214,13 +221,22 @@ async function main() {
             : null;
     const row = opts.row ?? makeRow(result.schema, result.index, maxIndex);
     result.update_row = row;
-    await withTimeout(table.update([row]), T, "table.update");
+    if (opts.readOnly) {
+        result.update_refused = null;
+        try {
+            await withTimeout(table.update([row]), T, "table.update");
+        } catch (e) {
+            result.update_refused = String(e?.message ?? e);
+        }
+    } else {
+        await withTimeout(table.update([row]), T, "table.update");
 
-    stage = "wait_on_update";
-    try {
-        await withTimeout(updated, T, "on_update callback");
-    } catch {
-        /* reported as on_update_fired: false */
+        stage = "wait_on_update";
+        try {
+            await withTimeout(updated, T, "on_update callback");
+        } catch {
+            /* reported as on_update_fired: false */
+        }
     }
     result.on_update_fired = calls.length > 0;
     result.on_update_calls = calls;
