@@ -9,7 +9,8 @@ import perspective
 import pytest
 import websockets
 
-from perspective_asgi import CloseCode, Settings
+from perspective_asgi import CloseCode, HandshakeRequest, Policy, Settings
+from perspective_asgi._wire import read_envelope
 
 from ._client import perspective_client
 from ._servers import ADAPTERS, serve_in_thread
@@ -86,3 +87,67 @@ def test_virtual_server_refuses_undecodable_request(url: str, factory: CountingF
             assert len(await client.get_hosted_table_names()) == 1
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+async def _by_token(request: HandshakeRequest) -> object:
+    return request.query.get("token") or None
+
+
+POLICIES = {"alice": Policy(tables={"visible", "later"}), "root": Policy()}
+
+
+def test_async_server_hides_tables_from_a_principal(adapter: str) -> None:
+    counting = CountingFactory(perspective.AsyncServer())
+    settings = Settings(authenticate=_by_token, policy=lambda user: POLICIES[str(user)])
+
+    async def scenario(url: str) -> None:
+        async with (
+            perspective_client(f"{url}?token=root") as (root, _),
+            perspective_client(f"{url}?token=alice") as (alice, _),
+        ):
+            await root.table(ROWS, name="visible")
+            notified = asyncio.Event()
+            calls: list[int] = []
+
+            def on_change(*_: Any) -> None:
+                calls.append(1)
+                notified.set()
+
+            await alice.on_hosted_tables_update(on_change)
+            assert await alice.get_hosted_table_names() == ["visible"]
+            await root.table(ROWS, name="hidden")
+            await root.table(ROWS, name="later")
+            await asyncio.wait_for(notified.wait(), 10)
+            assert sorted(await alice.get_hosted_table_names()) == ["later", "visible"]
+            assert await root.get_hosted_table_names()
+            assert calls == [1], "the hidden table must not notify"
+            with pytest.raises(perspective.PerspectiveError):
+                await alice.open_table("hidden")
+
+    with serve_in_thread(ADAPTERS[adapter](counting, settings)) as url:
+        asyncio.run(asyncio.wait_for(scenario(url), 60))
+        counting.wait_all_closed()
+
+
+def test_virtual_server_hides_tables(adapter: str) -> None:
+    polars = pytest.importorskip("polars")
+    from perspective.virtual_servers.polars import PolarsVirtualServer
+
+    server = PolarsVirtualServer({"demo": polars.DataFrame(ROWS), "secret": polars.DataFrame(ROWS)})
+    settings = Settings(policy=Policy(tables={"demo"}))
+
+    async def scenario(url: str) -> None:
+        async with perspective_client(url) as (client, _):
+            assert await client.get_hosted_table_names() == ["demo"]
+            table = await client.open_table("demo")
+            assert await table.size() == 4
+            with pytest.raises(perspective.PerspectiveError):
+                await client.open_table("secret")
+        async with websockets.connect(url) as ws:
+            # table_size on the hidden table, by hand: refused before the backend sees it.
+            await ws.send(b"\x08\x01\x12\x06secret\x42\x00")
+            reply = read_envelope(await asyncio.wait_for(ws.recv(), 10))
+            assert (reply.msg_id, reply.kind) == (1, 50)
+
+    with serve_in_thread(ADAPTERS[adapter](CountingFactory(server), settings)) as url:
+        asyncio.run(asyncio.wait_for(scenario(url), 60))
