@@ -99,6 +99,21 @@ class Settings:
     #: Seconds allowed for a closing handshake before the adapter drops the connection.
     close_timeout: float = 5.0
 
+    #: Seconds between keepalive pings, for adapters whose server does not ping by itself
+    #: (Tornado, aiohttp; uvicorn pings every 20 s by default, hypercorn only when configured).
+    #: A peer that vanished without a TCP reset is detected within about
+    #: ``ping_interval + ping_timeout``. ``None`` turns pings off.
+    ping_interval: float | None = 20.0
+
+    #: Seconds to wait for the answer to a ping before closing (Tornado; aiohttp waits half
+    #: of ``ping_interval``, its own rule).
+    ping_timeout: float | None = 20.0
+
+    #: Close a connection with 1000 once it has sent nothing for this many seconds while it
+    #: holds no views and no hosted-tables subscription (a forgotten script or tab). ``None``
+    #: (the default) keeps idle connections open.
+    idle_timeout: float | None = None
+
     #: Receives connection events, e.g. ``perspective_asgi.metrics.PrometheusObserver``.
     observer: SessionObserver | None = None
 
@@ -135,15 +150,21 @@ class Settings:
             raise ValueError(
                 f"policy must be a Policy or a function of the principal, got {self.policy!r}"
             )
-        timeout = self.close_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"close_timeout must be a positive number, got {timeout!r}")
+        _check_seconds("close_timeout", self.close_timeout)
+        for name in ("ping_interval", "ping_timeout", "idle_timeout"):
+            if getattr(self, name) is not None:
+                _check_seconds(name, getattr(self, name))
         if self.authenticate is not None and not callable(self.authenticate):
             raise ValueError(f"authenticate must be an async callable, got {self.authenticate!r}")
         if isinstance(self.allowed_origins, str):
             raise ValueError("allowed_origins must be a collection of origins, not a string")
         object.__setattr__(self, "allowed_origins", _normalise_origins(self.allowed_origins))
         object.__setattr__(self, "inline_request_kinds", frozenset(self.inline_request_kinds))
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def _check_count(name: str, value: object) -> None:

@@ -158,14 +158,12 @@ class PolicyGuard:
 
     def note_request(self, envelope: Envelope) -> bool:
         """Track hosted-tables subscriptions as their requests go to the engine; return whether
-        ``envelope`` starts one (its notifications are then filtered)."""
-        if self._tables is None:
-            return False
+        ``envelope`` starts one whose notifications must be filtered."""
         if envelope.kind == GET_HOSTED_TABLES:
             for number, value in read_fields(envelope.body):
                 if number == 1 and value == 1:  # GetHostedTablesReq.subscribe
                     self.subscriptions.add(envelope.msg_id)
-                    return True
+                    return self._tables is not None
         elif envelope.kind == REMOVE_HOSTED_TABLES_UPDATE:
             for number, value in read_fields(envelope.body):
                 if number == 1 and isinstance(value, int):

@@ -176,6 +176,7 @@ class SessionBridge:
         )
         #: Requests refused by the policy or the view guard so far.
         self.violations = 0
+        self._last_received = 0.0
         self._probe: HostedTablesProbe | None = None
         self._hosted_visible: frozenset[str] | None = None
         #: Hosted-tables change notifications waiting to be checked, by subscription msg_id.
@@ -290,6 +291,8 @@ class SessionBridge:
                 if self._guard.filters_tables:
                     self._hosted_wakeup = anyio.Event()
                     tasks.start_soon(self._hosted_tables_loop)
+                if self.settings.idle_timeout is not None:
+                    tasks.start_soon(self._idle_loop, self.settings.idle_timeout)
                 await self._read_loop(transport, inbox_send)
         except anyio.get_cancelled_exc_class():
             # The server is shutting down and cancelled this connection: tell the client why
@@ -356,6 +359,7 @@ class SessionBridge:
         observer = self._observer
         while True:
             frame = await transport.receive()
+            self._last_received = anyio.current_time()
             observer.message_received(len(frame))
             if isinstance(frame, str):
                 raise ProtocolError(
@@ -546,6 +550,23 @@ class SessionBridge:
     async def _on_response_async(self, data: bytes) -> None:
         # AsyncServer awaits its callback on the event loop.
         self._on_response(data)
+
+    async def _idle_loop(self, timeout: float) -> None:
+        """Close the connection once it has been silent for ``timeout`` with nothing to wait
+        for: no views (whose updates it may be watching), no subscription, no request."""
+        self._last_received = anyio.current_time()
+        while True:
+            silent_until = self._last_received + timeout
+            now = anyio.current_time()
+            if now < silent_until:
+                await anyio.sleep(silent_until - now)
+                continue
+            if self._views.holds_views or self._guard.subscriptions or self._queued_requests:
+                self._last_received = now  # not idle: look again a full period later
+                continue
+            logger.info("%s: closing after %gs idle", self.name, timeout)
+            self.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
+            return
 
     # Hosted tables, under a table allow-list ----------------------------------------------
 

@@ -56,6 +56,11 @@ class ViewGuard:
         #: The msg_id and view id of the view being created, until the engine answers.
         self._creating: tuple[int, str] | None = None
 
+    @property
+    def holds_views(self) -> bool:
+        """Whether this connection has a live view."""
+        return bool(self._owned)
+
     def table_of(self, view_id: str) -> str | None:
         """The table a view of this connection was made on."""
         return self._owned.get(view_id)

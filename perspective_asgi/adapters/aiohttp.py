@@ -108,7 +108,10 @@ class PerspectiveAIOHTTPHandler:
         principal = await authenticate_handshake(self.settings, lambda: _handshake_request(request))
         if isinstance(principal, Refusal):
             raise _REFUSALS[principal.status](text=f"{principal.reason}\n")
-        ws = web.WebSocketResponse(max_msg_size=self.settings.max_message_size)
+        # aiohttp pings every ``heartbeat`` seconds and closes when no pong comes within half.
+        ws = web.WebSocketResponse(
+            max_msg_size=self.settings.max_message_size, heartbeat=self.settings.ping_interval
+        )
         await ws.prepare(request)
         peer = request.remote
         self.bridge = SessionBridge(

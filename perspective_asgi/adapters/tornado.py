@@ -110,6 +110,21 @@ class PerspectiveTornadoHandler(WebSocketHandler):
         # Tornado closes with 1009 past this size before buffering the rest of the frame.
         return self.session_settings.max_message_size
 
+    @property
+    def ping_interval(self) -> float | None:
+        # The Application's websocket_ping_interval, when set, wins over Settings.
+        interval = self.settings.get("websocket_ping_interval")
+        return self.session_settings.ping_interval if interval is None else float(interval)
+
+    @property
+    def ping_timeout(self) -> float | None:
+        timeout = self.settings.get("websocket_ping_timeout")
+        if timeout is not None:
+            return float(timeout)
+        timeout, interval = self.session_settings.ping_timeout, self.ping_interval
+        # Tornado caps the timeout at the interval, with a warning; cap it quietly.
+        return timeout if timeout is None or not interval else min(timeout, interval)
+
     async def prepare(self) -> None:
         """Check the origin, then run ``settings.authenticate``, before Tornado's handshake."""
         headers = self.request.headers
