@@ -1,0 +1,184 @@
+"""The client side of the core: one Perspective client bridged to one websocket-like channel.
+
+``perspective.AsyncClient`` (and the sync ``perspective.Client``) match replies to requests by
+``msg_id`` and wait for a reply for as long as it takes: neither has a way to be told that the
+connection is gone, so a request in flight when the socket drops would wait forever.
+``ClientBridge`` reads the envelope of every request it sends and of every reply it receives,
+keeping the ids still awaiting an answer; when the connection ends it answers each of them
+itself with a ``ServerError`` naming the close code, which fails the pending call at once with
+``perspective.PerspectiveError``. Calls made after that fail in the send callback.
+
+Subscriptions (``on_update``, ``on_delete``, ``on_hosted_tables_update``) are never answered
+once, so they are not tracked: they simply stop firing when the connection ends.
+
+This module imports no websocket library; ``perspective_asgi.client`` (websockets) and
+``perspective_asgi.testing`` (an in-process ASGI app) supply the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import perspective
+
+from ._codes import CloseCode
+from ._exceptions import ConnectionClosed, PerspectiveASGIError, ProtocolError
+from ._wire import encode_server_error, read_envelope, read_fields
+
+logger = logging.getLogger("perspective_asgi.client")
+
+#: Request kinds that register a callback answered any number of times, starting with none:
+#: ``view_on_update``, ``table_on_delete``, ``view_on_delete``.
+_SUBSCRIPTION_KINDS = frozenset({21, 29, 34})
+#: ``get_hosted_tables``, a subscription when its ``subscribe`` field (1) is set.
+_GET_HOSTED_TABLES = 4
+
+SendFrame = Callable[[bytes], Awaitable[None]]
+
+
+class ConnectError(PerspectiveASGIError):
+    """A connection could not be opened; ``status`` is the HTTP status of a refused handshake.
+
+    ``status`` is ``None`` when no HTTP answer came at all: connection refused, unknown host,
+    timeout, or a response that was not a websocket handshake.
+    """
+
+    def __init__(self, url: str, reason: str, status: int | None = None) -> None:
+        prefix = f"HTTP {status}: " if status is not None else ""
+        super().__init__(f"cannot connect to {url}: {prefix}{reason}")
+        self.url = url
+        self.reason = reason
+        self.status = status
+
+
+def _is_subscription(data: bytes) -> bool:
+    envelope = read_envelope(data)
+    if envelope.kind in _SUBSCRIPTION_KINDS:
+        return True
+    if envelope.kind == _GET_HOSTED_TABLES and envelope.body:
+        return any(number == 1 and value for number, value in read_fields(envelope.body))
+    return False
+
+
+class ClientBridge:
+    """A Perspective client whose outstanding requests fail when its connection ends.
+
+    Args:
+        send_frame: sends one binary message to the server; raises once it cannot.
+        sync_loop: the running loop, to build a synchronous ``perspective.Client`` whose
+            calls, made from any other thread, are carried out on it; ``None`` builds an
+            ``AsyncClient``.
+    """
+
+    def __init__(
+        self, send_frame: SendFrame, *, sync_loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self._send_frame = send_frame
+        #: msg_id -> entity_id of every request sent and not yet answered.
+        self._awaiting_reply: dict[int, str] = {}
+        self._closed = asyncio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._loop = sync_loop
+        # Built on the loop that will deliver replies: a sync call from there would deadlock.
+        self._loop_thread = threading.get_ident()
+        self.client: Any
+        if sync_loop is None:
+            self.client = perspective.AsyncClient(self._send)
+        else:
+            self.client = perspective.Client(self._send_from_thread)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended; every later call fails."""
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended, whichever side ended it."""
+        await self._closed.wait()
+
+    def _closed_error(self) -> ConnectionClosed:
+        return ConnectionClosed(
+            self.close_code if self.close_code is not None else CloseCode.ABNORMAL_CLOSURE,
+            self.close_reason,
+        )
+
+    async def _send(self, data: bytes) -> None:
+        if self.closed:
+            raise self._closed_error()
+        try:
+            subscription = _is_subscription(data)
+        except ProtocolError:
+            subscription = True  # not ours to judge; the server will refuse it
+        msg_id: int | None = None
+        if not subscription:
+            envelope = read_envelope(data)
+            msg_id = envelope.msg_id
+            self._awaiting_reply[msg_id] = envelope.entity_id
+        try:
+            await self._send_frame(data)
+        except BaseException:
+            # The call fails with this error; no reply must be forged for it later.
+            if msg_id is not None:
+                self._awaiting_reply.pop(msg_id, None)
+            raise
+        if self.closed:
+            # The connection ended while this frame was being written; its reply never comes.
+            await self._fail_awaiting()
+
+    def _send_from_thread(self, data: bytes) -> None:
+        loop = self._loop
+        assert loop is not None
+        if threading.get_ident() == self._loop_thread:
+            # The reply can only arrive on this thread, which would be blocked waiting for it.
+            raise RuntimeError(
+                "a synchronous perspective.Client cannot be called from its own event loop "
+                "thread (e.g. inside an on_update callback); use the AsyncClient there"
+            )
+        if self.closed or loop.is_closed():
+            raise self._closed_error()
+        asyncio.run_coroutine_threadsafe(self._send(data), loop).result()
+
+    async def deliver(self, frame: bytes) -> None:
+        """Hand one reply from the server to the client."""
+        try:
+            self._awaiting_reply.pop(read_envelope(frame).msg_id, None)
+        except ProtocolError:
+            logger.warning("dropped an undecodable %d-byte message from the server", len(frame))
+            return
+        await self._handle_response(frame)
+
+    async def _handle_response(self, frame: bytes) -> None:
+        try:
+            result = self.client.handle_response(frame)
+            if inspect.isawaitable(result):
+                await result
+        except perspective.PerspectiveError as exc:
+            # A subscription's callback failed; the client keeps working.
+            logger.warning("the Perspective client rejected a reply: %s", exc)
+
+    async def connection_lost(self, code: int, reason: str = "") -> None:
+        """Record that the connection ended and fail every request still awaiting a reply."""
+        if self.closed:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        self._closed.set()
+        await self._fail_awaiting()
+
+    async def _fail_awaiting(self) -> None:
+        message = f"perspective-asgi: {self._closed_error()}"
+        while self._awaiting_reply:
+            msg_id, entity_id = self._awaiting_reply.popitem()
+            with contextlib.suppress(perspective.PerspectiveError):
+                result = self.client.handle_response(
+                    encode_server_error(msg_id, entity_id, message)
+                )
+                if inspect.isawaitable(result):
+                    await result
