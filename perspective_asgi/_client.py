@@ -34,8 +34,8 @@ from ._wire import encode_server_error, read_envelope, read_fields
 logger = logging.getLogger("perspective_asgi.client")
 
 #: Request kinds that register a callback answered any number of times, starting with none:
-#: ``view_on_update``, ``table_on_delete``, ``view_on_delete``.
-_SUBSCRIPTION_KINDS = frozenset({21, 29, 34})
+#: ``view_on_update``, ``table_on_delete``, ``view_on_delete``, ``view_on_remove`` (5.x).
+_SUBSCRIPTION_KINDS = frozenset({21, 29, 34, 39})
 #: ``get_hosted_tables``, a subscription when its ``subscribe`` field (1) is set.
 _GET_HOSTED_TABLES = 4
 

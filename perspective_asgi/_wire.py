@@ -39,13 +39,15 @@ CHEAP_REQUEST_KINDS = frozenset(
         34,  # view_on_delete
         35,  # view_remove_delete
         37,  # remove_hosted_tables_update
+        39,  # view_on_remove
+        40,  # view_remove_on_remove
     }
 )
 
 
 #: Request kinds whose ``entity_id`` names a view rather than a table.
 VIEW_REQUEST_KINDS = frozenset({10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 21, 22, 23, 24, 25, 26,
-                                34, 35, 36})
+                                34, 35, 36, 39, 40})
 
 #: Request kinds whose ``entity_id`` names an existing table (``make_table`` names a new one).
 TABLE_REQUEST_KINDS = frozenset({5, 6, 7, 8, 9, 28, 29, 30, 31, 32, 33, 41})
@@ -78,7 +80,7 @@ REQUEST_KIND_NAMES = {
     29: "table_on_delete", 30: "table_remove_delete", 31: "table_remove", 32: "table_replace",
     33: "table_update", 34: "view_on_delete", 35: "view_remove_delete",
     36: "view_to_ndjson_string", 37: "remove_hosted_tables_update", 38: "make_join_table",
-    41: "table_validate_expr",
+    39: "view_on_remove", 40: "view_remove_on_remove", 41: "table_validate_expr",
 }
 
 
