@@ -13,6 +13,7 @@ For ``app``, ``PERSPECTIVE_ASGI_DEMO=0`` leaves the demo tables out and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -26,7 +27,7 @@ import string
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, ClassVar, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import anyio.to_thread
 import perspective
@@ -45,6 +46,9 @@ from ._loaders import load_sources
 from ._types import SessionFactory
 from .adapters.starlette import PerspectiveWebSocketRoute
 from .metrics import PrometheusObserver
+
+if TYPE_CHECKING:
+    from .replica import Replica
 
 __all__ = ["AppOptions", "PriceTicker", "create_app", "settings_from_env"]
 
@@ -259,6 +263,7 @@ def create_app(
     settings: Settings | None = None,
     tables: Mapping[str, tuple[bytes, str | None]] | None = None,
     virtual_server: SessionFactory | None = None,
+    replica: Replica | None = None,
 ) -> Starlette:
     """Return the dashboard app; ``demo`` hosts the demo tables on its Perspective server.
 
@@ -266,13 +271,21 @@ def create_app(
     ``virtual_server`` (e.g. a ``DuckDBVirtualServer``) is served instead of a
     ``perspective.Server``; it hosts its own tables, so it needs ``demo=False`` and no ``tables``.
 
+    ``replica`` (a ``perspective_asgi.replica.Replica``) makes the app an edge: it serves the
+    replica's local server, runs the replica for the app's lifetime, and ``/readyz`` answers 503
+    while the replica is not synchronised with its upstream.
+
     The server is ``app.state.perspective_server``: host more tables on a ``perspective.Server``
     with ``app.state.perspective_server.new_local_client().table(...)``.
     """
     tables = tables or {}
     ticker: PriceTicker | None = None
     server: SessionFactory
-    if virtual_server is not None:
+    if replica is not None:
+        if demo or tables or virtual_server is not None:
+            raise ValueError("an edge serves its replica's tables only: pass demo=False")
+        server = replica.server
+    elif virtual_server is not None:
         if demo or tables:
             raise ValueError(
                 "a virtual_server hosts its own tables: pass demo=False and no tables"
@@ -312,7 +325,18 @@ def create_app(
         return HTMLResponse(_page(request, base))
 
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        # Liveness: the process serves, whatever its upstream does.
+        body: dict[str, Any] = {"status": "ok", "ready": True}
+        if replica is not None:
+            body.update(replica.status())
+        return JSONResponse(body)
+
+    async def readyz(request: Request) -> JSONResponse:
+        # Readiness: an edge whose upstream is lost still serves its last state, but a load
+        # balancer should prefer edges that are in sync.
+        ready = replica is None or replica.ready
+        body = {"ready": ready} if replica is None else replica.status()
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(observer.registry), media_type=CONTENT_TYPE_LATEST)
@@ -321,9 +345,14 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if ticker is not None:
             ticker.start()
+        replicating = None if replica is None else asyncio.ensure_future(replica.run())
         try:
             yield
         finally:
+            if replicating is not None:
+                replicating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await replicating
             if ticker is not None:
                 # Joining waits for the batch in flight; not on the event loop.
                 await anyio.to_thread.run_sync(ticker.stop)
@@ -331,11 +360,13 @@ def create_app(
     routes += [
         Route("/", index, name="index"),
         Route("/healthz", healthz, name="healthz"),
+        Route("/readyz", readyz, name="readyz"),
         Route("/metrics", metrics, name="metrics"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.perspective_server = server
     app.state.metrics = observer
+    app.state.replica = replica
     return app
 
 

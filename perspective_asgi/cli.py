@@ -9,6 +9,7 @@ Perspective's DuckDB virtual server; it must be the only file, and replaces the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -133,7 +134,63 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
     )
+    edge = commands.add_parser(
+        "edge",
+        help="replicate an upstream Perspective server's tables and serve them",
+        description=(
+            "Replicate the tables of the Perspective server at UPSTREAM (a ws:// URL) and serve "
+            "them with the dashboard. Each worker is an independent replica that follows the "
+            "upstream's updates and resynchronises after losing it; /readyz answers 503 "
+            "meanwhile."
+        ),
+    )
+    edge.add_argument("upstream", metavar="UPSTREAM", help="e.g. ws://10.0.0.5:8000/websocket")
+    edge.add_argument(
+        "--tables",
+        metavar="NAME,...",
+        type=_names,
+        help="tables to replicate (default: all, following the upstream's list)",
+    )
+    edge.add_argument("--workers", type=_positive_int, default=1,
+                      help="worker processes, each its own replica (default: %(default)s)")
+    edge.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    edge.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
+    edge.add_argument("--read-only", action="store_true",
+                      help="refuse changes from the edge's clients")
+    edge.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
+    )
     return parser
+
+
+def _edge(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from . import edge
+        from .app import READ_ONLY_ENV
+    except ImportError as exc:
+        raise UsageError(
+            f"edge needs {exc.name}; pip install 'perspective-asgi[starlette,uvicorn,client]'"
+        ) from None
+    if not args.upstream.startswith(("ws://", "wss://")):
+        raise UsageError(f"UPSTREAM must be a ws:// or wss:// URL, got {args.upstream!r}")
+    # Every worker process builds its app from the environment (see perspective_asgi.edge).
+    os.environ[edge.UPSTREAM_ENV] = args.upstream
+    os.environ[edge.EDGE_TABLES_ENV] = ",".join(sorted(args.tables or ()))
+    os.environ[READ_ONLY_ENV] = "1" if args.read_only else "0"
+    options: dict[str, Any] = {
+        "host": args.host, "port": args.port, "log_level": args.log_level,
+        "ws_per_message_deflate": False,
+    }
+    if args.workers > 1:
+        # uvicorn's supervisor runs its own server class in each worker: at shutdown the
+        # websockets get uvicorn's 1012 (service restart), which clients reconnect after.
+        uvicorn.run("perspective_asgi.edge:app", workers=args.workers, **options)
+        return 0
+    server = _server_class()(uvicorn.Config("perspective_asgi.edge:app", **options))
+    server.run()
+    return 0 if server.started else 1
 
 
 def _build_app(args: argparse.Namespace) -> Any:
@@ -216,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = _parser().parse_args(argv)
         except SystemExit as exc:  # --help
             return exc.code if isinstance(exc.code, int) else 0
-        return _serve(args)
+        return _edge(args) if args.command == "edge" else _serve(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR

@@ -1,0 +1,324 @@
+"""Replicas of an upstream Perspective server's tables, kept in a local ``perspective.Server``.
+
+An edge process holds a ``Replica``: it connects to the upstream with
+``perspective_asgi.client``, and for each table it follows opens a flat view there and copies
+it into a local table of the same name, index and limit. It then applies the view's row
+deltas (``on_update(mode="row")``) and, on perspective-python 5, its removals (``on_remove``)
+as they arrive. These are the steps of Perspective's own replication (``client.table(view)``),
+which this module repeats on a table it keeps, rather than calling, for one reason: after the
+upstream is lost, ``table(view)`` could only build a *new* table, and the edge's own clients
+hold views on the old one. On reconnect the replica instead ``replace``s the local table's
+rows with a fresh snapshot, and the edge's clients simply see an update.
+
+Ordering makes the copy exact: the view is subscribed before its snapshot is taken, and the
+upstream sends a connection's messages in order, so a delta that arrives before the snapshot
+is already in it (the snapshot replaces it), and every later delta is applied on top. All
+changes to a local table are applied by one task, in arrival order, in a worker thread (the
+engine releases the GIL), so the event loop keeps serving the edge's clients.
+
+While the upstream is unreachable the local tables keep their last state and keep being
+served; ``ready`` is false until every table is synchronised again.
+
+perspective-python 4.x has no ``on_remove``: rows removed upstream stay at the edge until the
+next resynchronisation (a reconnect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+import perspective
+
+from .client import Connection, HeadersSource, reconnect
+
+__all__ = ["Replica", "TableStatus"]
+
+logger = logging.getLogger("perspective_asgi.replica")
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class TableStatus:
+    """How one replicated table stands."""
+
+    #: The local table holds the upstream's rows and follows its changes.
+    synced: bool = False
+    #: Snapshots taken: 1 after the first synchronisation, one more per resynchronisation.
+    snapshots: int = 0
+    #: Deltas (updates and removals) applied since the table was created.
+    deltas: int = 0
+    #: ``time.time()`` of the last change applied.
+    updated_at: float | None = None
+
+
+@dataclass
+class _Op:
+    kind: str  # "snapshot", "update" or "remove"
+    data: bytes
+    generation: int
+
+
+@dataclass
+class _Follower:
+    """Applies one table's changes in order, off the event loop."""
+
+    name: str
+    local: Any  # perspective.Client
+    #: Called with the reason when a change cannot be applied: the replica resynchronises.
+    on_error: Callable[[str], None]
+    status: TableStatus = field(default_factory=TableStatus)
+    table: Any = None
+    index: str | None = None
+    limit: int | None = None
+    generation: int = 0
+    ops: deque[_Op] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, kind: str, data: bytes, generation: int) -> None:
+        self.ops.append(_Op(kind, bytes(data), generation))
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.ops:
+                batch = list(self.ops)
+                self.ops.clear()
+                try:
+                    await anyio.to_thread.run_sync(self._apply, batch)
+                except Exception as exc:
+                    logger.exception("table %r: applying the upstream's changes failed", self.name)
+                    self.status.synced = False
+                    self.on_error(f"table {self.name!r}: {exc}")
+
+    def _apply(self, batch: list[_Op]) -> None:
+        for op in batch:
+            if op.generation != self.generation:
+                continue  # from a connection that has since been replaced
+            if op.kind == "snapshot":
+                if self.table is None:
+                    options: dict[str, Any] = {"name": self.name}
+                    if self.index:
+                        options["index"] = self.index
+                    elif self.limit:
+                        options["limit"] = self.limit
+                    self.table = self.local.table(op.data, **options)
+                else:
+                    self.table.replace(op.data)
+                self.status.snapshots += 1
+                self.status.synced = True
+            elif self.table is None or not self.status.synced:
+                continue  # before the snapshot: already part of it
+            elif op.kind == "update":
+                self.table.update(op.data)
+                self.status.deltas += 1
+            else:
+                self.table.remove(op.data)
+                self.status.deltas += 1
+            self.status.updated_at = time.time()
+
+
+class Replica:
+    """Keeps local copies of an upstream server's tables; run it with ``await run()``.
+
+    Args:
+        upstream: websocket URL of the upstream Perspective server.
+        tables: names of the tables to replicate; ``None`` follows the upstream's hosted
+            tables list, adding tables as they appear.
+        server: the local server to host the replicas in; a new ``perspective.Server`` by
+            default. Serve it with any adapter.
+        headers: handshake headers for the upstream, or a function returning fresh ones.
+        initial_delay, max_delay: the reconnect backoff, in seconds.
+        connect_options: passed on to ``perspective_asgi.client.open_connection``.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        tables: Collection[str] | None = None,
+        server: perspective.Server | None = None,
+        headers: HeadersSource = None,
+        initial_delay: float = 0.25,
+        max_delay: float = 10.0,
+        **connect_options: Any,
+    ) -> None:
+        if isinstance(tables, str):
+            raise ValueError("tables must be a collection of table names, not a string")
+        self.upstream = upstream
+        self.tables = None if tables is None else list(dict.fromkeys(tables))
+        self.server = server if server is not None else perspective.Server()
+        self._local = self.server.new_local_client()
+        self._headers = headers
+        self._initial_delay = initial_delay
+        self._max_delay = max_delay
+        connect_options.setdefault("max_message_size", 1024 * MiB)
+        self._connect_options = connect_options
+        self._followers: dict[str, _Follower] = {}
+        self._connection: Connection | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._follower_tasks: list[asyncio.Task[None]] = []
+        self._connected = False
+        self._ready = asyncio.Event()
+        #: Connections to the upstream made so far.
+        self.connections = 0
+        #: Why the last connection ended or failed, if it did.
+        self.last_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and every followed table holds the upstream's current rows."""
+        return self._ready.is_set()
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready summary, for health endpoints."""
+        return {
+            "ready": self.ready,
+            "upstream": self.upstream,
+            "connected": self._connected,
+            "connections": self.connections,
+            "last_error": self.last_error,
+            "tables": {
+                name: {
+                    "synced": follower.status.synced,
+                    "snapshots": follower.status.snapshots,
+                    "deltas": follower.status.deltas,
+                }
+                for name, follower in sorted(self._followers.items())
+            },
+        }
+
+    async def wait_ready(self) -> None:
+        """Wait until ``ready``."""
+        await self._ready.wait()
+
+    async def run(self) -> None:
+        """Replicate until cancelled, reconnecting with backoff whenever the upstream is lost."""
+        connections = reconnect(
+            self.upstream,
+            headers=self._headers,
+            initial_delay=self._initial_delay,
+            max_delay=self._max_delay,
+            # An edge keeps trying whatever went wrong; each failure is logged.
+            retry=self._log_failure,
+            **self._connect_options,
+        )
+        try:
+            async for connection in connections:
+                self.connections += 1
+                self._connection = connection
+                try:
+                    async with connection:
+                        await self._serve(connection)
+                except Exception as exc:
+                    # Not the connection dropping (that is swallowed above): a table that
+                    # cannot be opened, say. Wait the longest backoff before trying again.
+                    logger.exception("upstream %s: replication failed", self.upstream)
+                    self._lost(f"replication failed: {exc}")
+                    await asyncio.sleep(self._max_delay)
+                    continue
+                self._lost(f"the upstream connection closed (code {connection.close_code})")
+        finally:
+            self._lost("stopped")
+            await connections.aclose()
+            for task in self._follower_tasks:
+                task.cancel()
+            for task in self._follower_tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def _log_failure(self, error: Exception) -> bool:
+        self.last_error = str(error)
+        logger.warning("upstream %s: %s; retrying", self.upstream, error)
+        return True
+
+    def _resync(self, reason: str) -> None:
+        # Drop the connection: the next one starts from fresh snapshots.
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            logger.warning("upstream %s: resynchronising: %s", self.upstream, reason)
+            self._lost(reason)
+            self._closing = asyncio.ensure_future(connection.close())
+
+    def _lost(self, reason: str) -> None:
+        if self._connected:
+            logger.warning("upstream %s lost: %s; serving the last state", self.upstream, reason)
+        self._connected = False
+        self._ready.clear()
+        self.last_error = reason
+        for follower in self._followers.values():
+            follower.status.synced = False
+            follower.generation += 1  # deltas still queued from that connection are stale
+
+    async def _serve(self, connection: Connection) -> None:
+        client = connection.client
+        self._connected = True
+        listed = asyncio.Event()
+        # Tables may appear upstream later (or, when named, not exist yet): follow the list.
+        await client.on_hosted_tables_update(lambda *_: listed.set())
+        started: set[str] = set()
+        while True:
+            listed.clear()
+            available = await client.get_hosted_table_names()
+            wanted = available if self.tables is None else [
+                name for name in self.tables if name in available
+            ]
+            for name in wanted:
+                if name not in started:
+                    await self._follow(client, name)
+                    started.add(name)
+            missing = [] if self.tables is None else [
+                name for name in self.tables if name not in started
+            ]
+            if missing:
+                self.last_error = f"not hosted upstream yet: {', '.join(missing)}"
+                logger.warning("upstream %s: %s", self.upstream, self.last_error)
+            else:
+                await self._check_ready(started)
+            closed = asyncio.ensure_future(connection.wait_closed())
+            changed = asyncio.ensure_future(listed.wait())
+            await asyncio.wait({closed, changed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            closed.cancel()
+            if connection.closed:
+                return
+
+    async def _check_ready(self, names: Collection[str]) -> None:
+        # Ready once every table's snapshot has been applied.
+        followers = [self._followers[name] for name in names]
+        while not all(f.status.synced for f in followers) and self._connected:
+            await asyncio.sleep(0.01)
+        if self._connected and not self._ready.is_set():
+            self._ready.set()
+            logger.info("upstream %s: %d table(s) synchronised", self.upstream, len(followers))
+
+    async def _follow(self, client: Any, name: str) -> None:
+        follower = self._followers.get(name)
+        if follower is None:
+            follower = self._followers[name] = _Follower(name, self._local, self._resync)
+            self._follower_tasks.append(asyncio.ensure_future(follower.run()))
+        generation = follower.generation
+        remote = await client.open_table(name)
+        if follower.table is None:
+            # The first copy takes the upstream table's index or limit; later snapshots
+            # replace rows only.
+            follower.index = remote.get_index()
+            follower.limit = remote.get_limit()
+        view = await remote.view()
+
+        def push(kind: str, data: bytes) -> None:
+            follower.push(kind, data, generation)
+        await view.on_update(lambda _port, delta: push("update", delta), mode="row")
+        if hasattr(view, "on_remove"):
+            await view.on_remove(lambda _port, keys: push("remove", keys))
+        push("snapshot", await view.to_arrow())
