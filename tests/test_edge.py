@@ -64,7 +64,10 @@ def wait_for_status(port: int, status: int, timeout: float = 30.0) -> dict[str, 
 
 async def rows(url: str, table: str = "ticks") -> dict[str, list[Any]]:
     async with perspective_client(url) as (client, _):
-        view = await (await client.open_table(table)).view(sort=[["id", "asc"]])
+        source = await client.open_table(table)
+        # Columns named: a DuckDB virtual server has no default column list.
+        columns = list(await source.schema())
+        view = await source.view(columns=columns, sort=[["id", "asc"]])
         try:
             return dict(await view.to_columns())
         finally:
@@ -172,6 +175,28 @@ def test_two_edges_follow_recover_and_survive_each_other(tmp_path: Path) -> None
     finally:
         for server in [upstream, *edges]:
             server.kill()
+
+
+def test_a_duckdb_file_served_through_an_edge(tmp_path: Path) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    path = tmp_path / "shop.duckdb"
+    with duckdb.connect(str(path)) as db:
+        db.execute("CREATE TABLE sales AS SELECT range AS id, CAST(range * 1.5 AS DOUBLE) AS amount "
+                   "FROM range(5000)")
+    upstream = start(command("serve", str(path)), tmp_path)
+    edge: Server | None = None
+    try:
+        # Name the tables: a DuckDB server also lists a temporary table per open view.
+        edge = start(command("edge", upstream.url, "--tables", "shop.sales"), tmp_path)
+        status = wait_for_status(edge.port, 200)
+        assert list(status["tables"]) == ["shop.sales"]
+        direct = run(rows(upstream.url, "shop.sales"))
+        assert len(direct["id"]) == 5000
+        assert run(rows(edge.url, "shop.sales")) == direct
+    finally:
+        for server in (upstream, edge):
+            if server is not None:
+                server.kill()
 
 
 def test_edge_follows_new_tables_and_named_tables_only(tmp_path: Path) -> None:
