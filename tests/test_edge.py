@@ -181,8 +181,8 @@ def test_a_duckdb_file_served_through_an_edge(tmp_path: Path) -> None:
     duckdb = pytest.importorskip("duckdb")
     path = tmp_path / "shop.duckdb"
     with duckdb.connect(str(path)) as db:
-        db.execute("CREATE TABLE sales AS SELECT range AS id, CAST(range * 1.5 AS DOUBLE) AS amount "
-                   "FROM range(5000)")
+        db.execute("CREATE TABLE sales AS SELECT CAST(range AS INTEGER) AS id, "
+                   "CAST(range * 1.5 AS DOUBLE) AS amount FROM range(5000)")
     upstream = start(command("serve", str(path)), tmp_path)
     edge: Server | None = None
     try:
