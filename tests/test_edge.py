@@ -237,6 +237,49 @@ def test_edge_follows_new_tables_and_named_tables_only(tmp_path: Path) -> None:
         run(scenario(url))
 
 
+@pytest.mark.skipif(not REMOVES_REPLICATE, reason="perspective-python 4 has no view.on_remove")
+def test_removals_replace_and_clear_reach_the_replica() -> None:
+    upstream_server = perspective.Server()
+    source = upstream_server.new_local_client().table(
+        {"id": [1, 2, 3], "v": [1.0, 2.0, 3.0]}, name="t", index="id"
+    )
+
+    async def scenario(url: str) -> None:
+        replica = Replica(url)
+        task = asyncio.ensure_future(replica.run())
+        try:
+            await asyncio.wait_for(replica.wait_ready(), 10)
+            copy = replica.server.new_local_client().open_table("t")
+
+            async def matches() -> bool:
+                view = copy.view()
+                try:
+                    return bool(view.to_columns() == expected)
+                finally:
+                    view.delete()
+
+            steps: list[Callable[[], object]] = [
+                lambda: source.update([{"id": 4, "v": 4.0}, {"id": 1, "v": 10.0}]),
+                lambda: source.remove([2]),
+                lambda: source.replace({"id": [7, 8], "v": [7.0, 8.0]}),
+                lambda: source.clear(),
+                lambda: source.update([{"id": 9, "v": 9.0}]),
+            ]
+            for step in steps:
+                step()
+                view = source.view()
+                expected = view.to_columns()
+                view.delete()
+                await eventually(matches, 10, f"the replica has {expected}")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    main = uvicorn_main(PerspectiveASGIApp(upstream_server), ws_max_size=2**30)
+    with serve_in_thread(main) as url:
+        run(scenario(url))
+
+
 def test_edge_options_from_the_environment() -> None:
     options = edge_options_from_env({
         "PERSPECTIVE_ASGI_UPSTREAM": "ws://10.0.0.5:8000/websocket",
