@@ -18,8 +18,11 @@ Polls run on that loop, so notifications reach the connections without a thread 
 Until the coalescer is attached to a loop, and once it is closed, each hook call polls at once,
 as a server without the hook does.
 
-The trade-off: a request reads the tables as of the last poll. A client that updates a table and
-at once reads it back may see it without its update until the next tick (or ``interval``).
+The trade-offs: a request reads the tables as of the last poll, so a client that updates a table
+and at once reads it back may see it without its update until the next tick (or ``interval``).
+And it pays only for bursts, many updates within one tick: at a steady rate there is little to
+merge, and a thread calling ``table.update()`` is no longer slowed by the notifications it
+triggers, so past saturation it can outrun the subscribers (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ logger = logging.getLogger("perspective_asgi")
 
 
 class PollCoalescer:
-    """An ``on_poll_request`` hook that polls each server once per loop tick or ``interval``.
+    """An ``on_poll_request`` hook that polls its server once per loop tick or ``interval``.
+
+    Give each ``perspective.Server`` its own coalescer: the hook receives a new Python wrapper
+    of the server on every call, so servers sharing one could not be told apart.
 
     Args:
         interval: least seconds between two polls of the same coalescer; 0 polls on the next
@@ -53,11 +59,11 @@ class PollCoalescer:
         self.requests = 0
         self.polls = 0
         # The hook runs on whatever thread ran the request or the update; the lock guards the
-        # loop binding and the set of servers waiting for a poll.
+        # loop binding and the server waiting for a poll.
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._waiting: dict[int, perspective.Server] = {}
+        self._waiting: perspective.Server | None = None
         self._scheduled = False
         self._last_poll = -math.inf
 
@@ -67,7 +73,7 @@ class PollCoalescer:
             self.requests += 1
             loop = self._loop
             if loop is not None:
-                self._waiting[id(server)] = server
+                self._waiting = server
                 if self._scheduled:
                     return  # The poll already scheduled will take this update too.
                 self._scheduled = True
@@ -126,14 +132,14 @@ class PollCoalescer:
 
     def _drain(self) -> None:
         with self._lock:
-            servers = list(self._waiting.values())
-            self._waiting.clear()
+            server = self._waiting
+            self._waiting = None
             # Cleared before polling: an update arriving during the poll schedules another.
             self._scheduled = False
         loop = self._loop
         if loop is not None:
             self._last_poll = loop.time()
-        for server in servers:
+        if server is not None:
             self._poll_now(server)
 
     def _poll_now(self, server: perspective.Server) -> None:

@@ -1,0 +1,318 @@
+"""Load generators of ``run.py``: stock ``perspective.AsyncClient`` s over ``websockets``.
+
+The coroutines here run in the parent (rtt, big, stall, slow reader) or in load-generator
+processes started with ``loadgen`` (fan-out, idle, churn), which report one dict up a pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import perspective
+import pyarrow as pa
+import websockets
+
+OPEN_TIMEOUT = 120
+
+
+def pct(samples: list[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+class Client:
+    """A ``perspective.AsyncClient`` over one websocket, read by a pump task."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.perspective = perspective.AsyncClient(self._send)
+        self.close_code: int | None = None
+        self.closed_at: float | None = None
+        self._reader = asyncio.create_task(self._pump())
+
+    @classmethod
+    async def connect(cls, url: str, deflate: bool = False) -> Client:
+        ws = await websockets.connect(
+            url, max_size=None, compression="deflate" if deflate else None,
+            open_timeout=OPEN_TIMEOUT, ping_interval=None, close_timeout=2,
+        )
+        return cls(ws)
+
+    async def _send(self, data: bytes) -> None:
+        await self.ws.send(data)
+
+    async def _pump(self) -> None:
+        try:
+            async for message in self.ws:
+                result = self.perspective.handle_response(message)
+                if inspect.isawaitable(result):
+                    await result
+        except websockets.ConnectionClosed:
+            pass
+        self.close_code = self.ws.close_code
+        self.closed_at = time.time()
+
+    def stop_reading(self) -> None:
+        """Stop reading: websockets pauses the socket once its small queue fills."""
+        self._reader.cancel()
+
+    def abort(self) -> None:
+        self._reader.cancel()
+        self.ws.transport.abort()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 5)
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+
+
+async def rtt(url: str, requests: int) -> dict[str, Any]:
+    client = await Client.connect(url)
+    table = await client.perspective.open_table("small")
+    for _ in range(200):
+        await table.size()
+    samples = []
+    for _ in range(requests):
+        start = time.perf_counter()
+        await table.size()
+        samples.append((time.perf_counter() - start) * 1e6)
+    await client.close()
+    return {"p50_us": statistics.median(samples), "p99_us": pct(samples, 0.99)}
+
+
+def rtt_local(requests: int) -> dict[str, Any]:
+    server = perspective.Server()
+    table = server.new_local_client().table({"x": list(range(10))}, name="small")
+    for _ in range(200):
+        table.size()
+    samples = []
+    for _ in range(requests):
+        start = time.perf_counter()
+        table.size()
+        samples.append((time.perf_counter() - start) * 1e6)
+    return {"p50_us": statistics.median(samples), "p99_us": pct(samples, 0.99)}
+
+
+async def big(url: str, raw_url: str, transfers: int, deflate: bool) -> dict[str, Any]:
+    client = await Client.connect(url, deflate)
+    view = await (await client.perspective.open_table("big")).view()
+    raw = await websockets.connect(
+        raw_url, max_size=None, compression="deflate" if deflate else None,
+        open_timeout=OPEN_TIMEOUT, ping_interval=None,
+    )
+    size = len(await view.to_arrow())  # warm-up
+    await raw.send(b"x")
+    await raw.recv()
+    ours, ceiling = [], []
+    for _ in range(transfers):
+        start = time.perf_counter()
+        arrow = await view.to_arrow()
+        ours.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        await raw.send(b"x")
+        data = await raw.recv()
+        ceiling.append(time.perf_counter() - start)
+        assert len(data) == len(arrow) == size, (len(data), len(arrow), size)
+    await raw.close()
+    await view.delete()
+    await client.close()
+    return {
+        "bytes": size,
+        "mb_s": size / 1e6 / statistics.median(ours),
+        "raw_mb_s": size / 1e6 / statistics.median(ceiling),
+    }
+
+
+def big_local(path: str, transfers: int) -> dict[str, Any]:
+    """``view.to_arrow()`` through the in-process local client: the engine's share of ``big``."""
+    server = perspective.Server()
+    table = server.new_local_client().table(Path(path).read_bytes(), name="big")
+    view = table.view()
+    size = len(view.to_arrow())
+    walls = []
+    for _ in range(transfers):
+        start = time.perf_counter()
+        view.to_arrow()
+        walls.append(time.perf_counter() - start)
+    view.delete()
+    table.delete()
+    return {"bytes": size, "mb_s": size / 1e6 / statistics.median(walls)}
+
+
+async def stall(url: str, queries: int) -> dict[str, Any]:
+    heavy = await Client.connect(url)
+    pinger = await Client.connect(url)
+    heavy_table = await heavy.perspective.open_table("heavy")
+    ping_table = await pinger.perspective.open_table("small")
+    for _ in range(50):
+        await ping_table.size()
+    pings: list[float] = []
+    query_s: list[float] = []
+    running = True
+
+    async def ping() -> None:
+        next_at = time.perf_counter()
+        while running:
+            start = time.perf_counter()
+            await ping_table.size()
+            pings.append((time.perf_counter() - start) * 1e3)
+            next_at += 0.01
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+
+    task = asyncio.create_task(ping())
+    await asyncio.sleep(0.1)
+    pings.clear()
+    for i in range(queries):
+        start = time.perf_counter()
+        view = await heavy_table.view(
+            group_by=["g"], columns=[f"e{i}", "a"],
+            expressions={f"e{i}": f'"a" * {i + 2} + "b"'},
+        )
+        await view.to_columns()
+        query_s.append(time.perf_counter() - start)
+        await view.delete()
+    running = False
+    await task
+    await heavy.close()
+    await pinger.close()
+    return {
+        "query_s": statistics.median(query_s),
+        "ping_p50_ms": statistics.median(pings),
+        "ping_p99_ms": pct(pings, 0.99),
+        "ping_max_ms": max(pings),
+        "pings": len(pings),
+    }
+
+
+# --- load-generator processes -----------------------------------------------------------------
+
+
+def loadgen(kind: str, url: str, count: int, params: dict[str, Any], pipe: Any) -> None:
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    coroutine = {"fanout": _fanout, "idle": _idle, "churn": _churn}[kind]
+    asyncio.run(coroutine(url, count, params, pipe))
+
+
+async def _connect_many(url: str, count: int, concurrency: int = 50) -> list[Client]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> Client:
+        async with gate:
+            for attempt in range(5):
+                try:
+                    return await Client.connect(url)
+                except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake):
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            return await Client.connect(url)
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def _fanout(url: str, count: int, params: dict[str, Any], pipe: Any) -> None:
+    clients = await _connect_many(url, count)
+    seen: list[set[int]] = [set() for _ in clients]
+    latencies: list[float] = []
+    sample_rate = params.get("sample_rate", 1.0)
+    messages = [0]
+
+    def callback_for(index: int) -> Any:
+        got = seen[index]
+
+        def on_update(port_id: int, delta: bytes) -> None:
+            now = time.time()
+            messages[0] += 1
+            batch = pa.ipc.open_stream(delta).read_all()
+            seqs = batch.column("seq").to_pylist()
+            stamps = batch.column("ts").to_pylist()
+            fresh = {}
+            for s, t in zip(seqs, stamps, strict=True):
+                if s not in got:
+                    fresh[s] = t
+            got.update(fresh)
+            if sample_rate >= 1 or random.random() < sample_rate:
+                latencies.extend((now - t) * 1e3 for t in fresh.values())
+
+        return on_update
+
+    gate = asyncio.Semaphore(50)
+
+    async def subscribe(index: int, client: Client) -> Any:
+        async with gate:
+            table = await client.perspective.open_table("feed")
+            view = await table.view(columns=["seq", "ts"])
+            await view.on_update(callback_for(index), mode="row")
+            return view
+
+    views = await asyncio.gather(*(subscribe(i, c) for i, c in enumerate(clients)))
+    pipe.send("ready")
+    first, last = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+    sent = last - first + 1
+    delivered = [len({s for s in got if first <= s <= last}) for got in seen]
+    closed = sum(1 for c in clients if c.close_code is not None)
+    pipe.send({
+        "delivered": sum(delivered), "expected": sent * len(clients),
+        "latencies": random.sample(latencies, min(len(latencies), 20000)),
+        "messages": messages[0], "closed": closed,
+        "loadgen_cpu_s": time.process_time(),
+    })
+    del views
+    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def _idle(url: str, count: int, params: dict[str, Any], pipe: Any) -> None:
+    clients = await _connect_many(url, count)
+    # One request each, so every connection has a live Perspective session.
+    gate = asyncio.Semaphore(50)
+
+    async def touch(client: Client) -> None:
+        async with gate:
+            await (await client.perspective.open_table("small")).size()
+
+    await asyncio.gather(*(touch(c) for c in clients))
+    pipe.send("ready")
+    await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+    pipe.send({"open": sum(1 for c in clients if c.close_code is None)})
+    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def _churn(url: str, count: int, params: dict[str, Any], pipe: Any) -> None:
+    concurrency = params.get("concurrency", 20)
+    done = [0]
+    failures = [0]
+
+    async def worker(cycles: int) -> None:
+        for _ in range(cycles):
+            try:
+                client = await Client.connect(url)
+                table = await client.perspective.open_table("small")
+                view = await table.view()
+                await view.to_columns()
+                client.abort()
+                done[0] += 1
+            except Exception:
+                failures[0] += 1
+            await asyncio.sleep(0)
+
+    per = count // concurrency
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(per) for _ in range(concurrency)))
+    pipe.send({"cycles": done[0], "failures": failures[0],
+               "seconds": time.perf_counter() - start, "pid": os.getpid()})
