@@ -95,6 +95,26 @@ def _thread_limiter(owner: int, tokens: int) -> anyio.CapacityLimiter:
     return limiters[key]
 
 
+_busy_lock = threading.Lock()
+#: Requests running in worker threads, per engine (keyed by ``id``). While one runs, a cheap
+#: request could still wait for the engine's lock (a ``view.delete()`` holds it for 100s of
+#: ms), and inline it would stall the event loop: it goes to a thread too.
+_engine_busy: dict[int, int] = {}
+
+
+def _engine_is_busy(key: int) -> bool:
+    return key in _engine_busy
+
+
+def _mark_busy(key: int, delta: int) -> None:
+    with _busy_lock:
+        count = _engine_busy.get(key, 0) + delta
+        if count:
+            _engine_busy[key] = count
+        else:
+            _engine_busy.pop(key, None)
+
+
 #: Connections being served in this process, for ``close_all_connections``.
 _running: weakref.WeakSet[SessionBridge] = weakref.WeakSet()
 
@@ -167,6 +187,7 @@ class SessionBridge:
             self.settings.inline_request_kinds if self._engine_is_server else frozenset()
         )
         self._engine = engine
+        self._engine_key = id(engine)
         self._views = ViewGuard(engine, self.settings.max_views_per_connection)
         #: Set in ``run`` from ``Settings.policy``, once the principal is known.
         self._guard = PolicyGuard(ALLOW_ALL, self._views.table_of)
@@ -372,7 +393,12 @@ class SessionBridge:
             data = frame if isinstance(frame, bytes) else bytes(frame)
             envelope = read_envelope(data)
             kind = envelope.kind
-            if kind in self._inline_kinds and not self._queued_requests and not self._outbox:
+            if (
+                kind in self._inline_kinds
+                and not self._queued_requests
+                and not self._outbox
+                and not _engine_is_busy(self._engine_key)
+            ):
                 # Fast path: nothing is ahead of this cheap request, so answering it here
                 # keeps the order and saves two task switches per round trip.
                 self._answering_inline = True
@@ -416,7 +442,7 @@ class SessionBridge:
                 self._hosted_visible = await self._visible_tables()
             if self._is_async:
                 await self._session.handle_request(data)
-            elif kind in self._inline_kinds:
+            elif kind in self._inline_kinds and not _engine_is_busy(self._engine_key):
                 self._handle(data)
             else:
                 await self._handle_in_thread(data)
@@ -429,6 +455,7 @@ class SessionBridge:
             self._request_running = True
             self._request_started = False
         executor = self.settings.executor
+        _mark_busy(self._engine_key, 1)
         try:
             if executor is None:
                 # The thread is abandoned on cancel: it cannot be interrupted, and
@@ -447,6 +474,8 @@ class SessionBridge:
                     # thread is left to close the session; _release_session must do it.
                     self._request_running = False
             raise
+        finally:
+            _mark_busy(self._engine_key, -1)
 
     def _run_request(self, data: bytes) -> None:
         with self._lock:

@@ -156,6 +156,9 @@ class PerspectiveTornadoHandler(WebSocketHandler):
         return True  # prepare() has applied the origin rule already, with or without Origin.
 
     def open(self, *args: Any, **kwargs: Any) -> None:
+        # Tornado leaves Nagle's algorithm on: a reply sent right after another then waits for
+        # the client's delayed ACK, 40 ms (benchmarks/nodelay.py). Each message is whole.
+        self.set_nodelay(True)
         remote = self.request.remote_ip
         self._transport = _TornadoTransport(self)
         self._bridge = SessionBridge(
