@@ -90,8 +90,6 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument("files", nargs="*", metavar="FILE", help="data files to serve")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    serve.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--index", metavar="COL", help="index every table by column COL")
     serve.add_argument("--name", help="table name for the single FILE (default: its stem)")
     serve.add_argument("--no-demo", action="store_true", help="leave out the demo tables")
@@ -131,9 +129,6 @@ def _parser() -> argparse.ArgumentParser:
         help="accept permessage-deflate on websockets: less bandwidth, more server CPU "
         "(default: off)",
     )
-    serve.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
-    )
     edge = commands.add_parser(
         "edge",
         help="replicate an upstream Perspective server's tables and serve them",
@@ -153,14 +148,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     edge.add_argument("--workers", type=_positive_int, default=1,
                       help="worker processes, each its own replica (default: %(default)s)")
-    edge.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    edge.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
     edge.add_argument("--read-only", action="store_true",
                       help="refuse changes from the edge's clients")
-    edge.add_argument(
+    for command in (serve, edge):
+        _add_server_arguments(command)
+    return parser
+
+
+def _add_server_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--host", default="127.0.0.1",
+                         help="address to bind (default: %(default)s)")
+    command.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
+    command.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
     )
-    return parser
 
 
 def _edge(args: argparse.Namespace) -> int:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import perspective
 import pyarrow as pa
@@ -28,20 +27,9 @@ from perspective_asgi.client import (
 )
 
 from ._servers import ADAPTERS, ServerMain, serve_in_thread
+from .test_protocol import run
 
 ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-async def resolve(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 def reference_tornado_main(server: Any) -> ServerMain:

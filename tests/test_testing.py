@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-from collections.abc import AsyncIterator, Coroutine, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import perspective
 import pytest
@@ -22,15 +22,9 @@ from perspective_asgi.adapters.starlette import (
 )
 from perspective_asgi.testing import ConnectError, InProcessApp, connect_asgi
 
+from .test_protocol import run
+
 ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
 
 
 def load_example(name: str) -> ModuleType:
