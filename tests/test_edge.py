@@ -177,6 +177,37 @@ def test_two_edges_follow_recover_and_survive_each_other(tmp_path: Path) -> None
             server.kill()
 
 
+def upstream_connections(port: int) -> float:
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("perspective_connections "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def test_each_edge_worker_is_its_own_replica(tmp_path: Path) -> None:
+    data = tmp_path / "ticks.csv"
+    write_ticks(data)
+    upstream = start(command("serve", str(data), "--no-demo", "--index", "id"), tmp_path)
+    edge: Server | None = None
+    try:
+        edge = start(command("edge", upstream.url, "--workers", "2"), tmp_path)
+        deadline = time.monotonic() + 30
+        while upstream_connections(upstream.port) < 2:
+            assert time.monotonic() < deadline, "two workers, two upstream subscribers"
+            time.sleep(0.1)
+        wait_for_status(edge.port, 200)
+        assert len(run(rows(edge.url))["id"]) == IDS
+        time.sleep(0.5)
+        assert upstream_connections(upstream.port) == 2
+        edge.stop()  # SIGTERM: the supervisor stops its workers (SIGKILL would orphan them)
+    finally:
+        for server in (upstream, edge):
+            if server is not None:
+                server.kill()
+
+
 def test_a_duckdb_file_served_through_an_edge(tmp_path: Path) -> None:
     duckdb = pytest.importorskip("duckdb")
     path = tmp_path / "shop.duckdb"
