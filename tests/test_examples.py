@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import json
 import os
 import signal
 import socket
@@ -153,7 +154,10 @@ def test_demo_app(signum: int, tmp_path: Path) -> None:
     with serving(args, tmp_path, port) as process:
         base = f"http://127.0.0.1:{port}"
         status, content_type, body = http_get(f"{base}/healthz")
-        assert (status, content_type, body) == (200, "application/json", '{"status":"ok"}')
+        assert (status, content_type) == (200, "application/json")
+        assert json.loads(body) == {"status": "ok", "ready": True}
+        # Not an edge: always ready.
+        assert http_get(f"{base}/readyz")[::2] == (200, '{"ready":true}')
         status, _, page = http_get(f"{base}/")
         assert status == 200
         if viewer_bundle_installed():
