@@ -36,6 +36,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import perspective
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._codes import QUIET_CLOSE_CODES, CloseCode
 from ._config import Settings
@@ -221,7 +222,12 @@ class SessionBridge:
         self._loop_thread = 0
         self._loop: object = None
         self._handoff: Callable[[Callable[[], None]], object] | None = None
+        #: The connection's task group while it runs: the request worker is started in it only
+        #: when requests are queued, so an idle connection runs two tasks (reader, writer).
+        self._tasks: anyio.abc.TaskGroup | None = None
         self._writer_wakeup: anyio.Event | None = None
+        self._worker_running = False
+        self._inbox_receive: MemoryObjectReceiveStream[tuple[bytes, Envelope]] | None = None
         self._drained: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
         self._abort: _Abort | None = None
@@ -295,7 +301,6 @@ class SessionBridge:
                 # sessions and may not be thread-safe (a DuckDB connection is not).
                 engine = getattr(self.factory, "__wrapped__", self.factory)
                 self._limiter = _thread_limiter(id(engine), self.settings.virtual_server_threads)
-        self._writer_wakeup = anyio.Event()
         callback = self._on_response_async if self._is_async else self._on_response
         self._session = self.factory.new_session(callback)
         self.state = SessionState.OPEN
@@ -304,17 +309,24 @@ class SessionBridge:
         inbox_send, inbox_receive = anyio.create_memory_object_stream[tuple[bytes, Envelope]](
             self.settings.max_pending_requests
         )
+        self._inbox_receive = inbox_receive
+        self._writer_wakeup = anyio.Event()
         try:
-            async with anyio.create_task_group() as tasks:
-                self._scope = tasks.cancel_scope
-                tasks.start_soon(self._write_loop, transport)
-                tasks.start_soon(self._request_loop, inbox_receive)
-                if self._guard.filters_tables:
-                    self._hosted_wakeup = anyio.Event()
-                    tasks.start_soon(self._hosted_tables_loop)
-                if self.settings.idle_timeout is not None:
-                    tasks.start_soon(self._idle_loop, self.settings.idle_timeout)
-                await self._read_loop(transport, inbox_send)
+            try:
+                async with anyio.create_task_group() as tasks:
+                    self._tasks = tasks
+                    self._scope = tasks.cancel_scope
+                    tasks.start_soon(self._write_loop, transport)
+                    if self._guard.filters_tables:
+                        self._hosted_wakeup = anyio.Event()
+                        tasks.start_soon(self._hosted_tables_loop)
+                    if self.settings.idle_timeout is not None:
+                        tasks.start_soon(self._idle_loop, self.settings.idle_timeout)
+                    await self._read_loop(transport, inbox_send)
+            finally:
+                # No task may be started once the group has ended, not even by a wake-up
+                # already scheduled from another thread.
+                self._tasks = None
         except anyio.get_cancelled_exc_class():
             # The server is shutting down and cancelled this connection: tell the client why
             # rather than leave it to the server's default (hypercorn sends 1011).
@@ -374,7 +386,7 @@ class SessionBridge:
     async def _read_loop(
         self,
         transport: Transport,
-        inbox: anyio.abc.ObjectSendStream[tuple[bytes, Envelope]],
+        inbox: MemoryObjectSendStream[tuple[bytes, Envelope]],
     ) -> None:
         limit = self.settings.max_message_size
         observer = self._observer
@@ -417,12 +429,31 @@ class SessionBridge:
                 await self._flush(transport)
                 continue
             self._queued_requests += 1
-            await inbox.send((data, envelope))
+            try:
+                inbox.send_nowait((data, envelope))
+            except anyio.WouldBlock:
+                # Full: the worker is busy with the requests ahead (it only stops once the
+                # queue is empty). Waiting here stops the reading, and TCP pushes back.
+                await inbox.send((data, envelope))
+                continue
+            # The request is queued before the worker is looked for: a worker that found the
+            # queue empty has already stopped, and a new one is started.
+            if not self._worker_running and self._tasks is not None:
+                self._worker_running = True
+                self._tasks.start_soon(self._request_loop)
 
-    async def _request_loop(
-        self, inbox: anyio.abc.ObjectReceiveStream[tuple[bytes, Envelope]]
-    ) -> None:
-        async for data, envelope in inbox:
+    async def _request_loop(self) -> None:
+        """Hand queued requests to the session one at a time; return once none is left."""
+        assert self._inbox_receive is not None
+        inbox = self._inbox_receive
+        while True:
+            try:
+                data, envelope = inbox.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                # No await between this check and the flag: the reader starts a new worker
+                # for the next request.
+                self._worker_running = False
+                return
             # Replies to earlier requests must reach the transport before the next request
             # runs: this bounds what a pipelining client can make us buffer to one reply.
             await self._wait_drained()
@@ -674,6 +705,8 @@ class SessionBridge:
             self._writer_wakeup.set()
 
     async def _write_loop(self, transport: Transport) -> None:
+        # Always running: wake-ups come from loop callbacks scheduled by other threads, where
+        # no task can be started.
         while True:
             await self._flush(transport)
             with self._lock:
