@@ -31,7 +31,6 @@ import contextlib
 import inspect
 import json
 import multiprocessing
-import os
 import socket
 import statistics
 import sys
@@ -47,9 +46,11 @@ import perspective
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_server import cpu_seconds, rss_mb
+
 BIG_ROWS = 1_000_000
 LINKS_MBIT = (10, 100)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- the server process -------------------------------------------------------------------------
@@ -94,21 +95,6 @@ def serve(port_pipe: Any, deflate: bool, big_rows: int, loop_stall: Any) -> None
         watcher.cancel()
 
     asyncio.run(main())
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of every thread of process ``pid``."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # --- clients ------------------------------------------------------------------------------------
