@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import perspective
@@ -25,14 +25,24 @@ def stop_reading(ws: ClientConnection) -> None:
 
 @contextlib.asynccontextmanager
 async def perspective_client(
-    url: str, **options: Any
+    url: str,
+    rewrite: Callable[[bytes], bytes] | None = None,
+    sent: list[bytes] | None = None,
+    **options: Any,
 ) -> AsyncIterator[tuple[perspective.AsyncClient, ClientConnection]]:
-    """Yield an ``AsyncClient`` wired to a websocket on ``url``, and the websocket itself."""
+    """Yield an ``AsyncClient`` wired to a websocket on ``url``, and the websocket itself.
+
+    Each request passes through ``rewrite`` (a hostile client's edit) and is appended to
+    ``sent``, when given.
+    """
     options.setdefault("max_size", None)
     options.setdefault("compression", None)
     async with websockets.connect(url, **options) as ws:
 
         async def send(data: bytes) -> None:
+            data = rewrite(bytes(data)) if rewrite else bytes(data)
+            if sent is not None:
+                sent.append(data)
             await ws.send(data)
 
         client = perspective.AsyncClient(send)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import perspective
@@ -18,6 +17,7 @@ import websockets
 from perspective_asgi import SessionBridge
 from perspective_asgi._wire import SERVER_ERROR, read_envelope, read_fields
 
+from ._client import perspective_client
 from ._frames import key, length_delimited, varint
 from .conftest import CountingFactory
 from .test_protocol import run, still_serving
@@ -169,29 +169,8 @@ async def rewriting_client(
 ) -> AsyncIterator[tuple[perspective.AsyncClient, list[bytes]]]:
     """An ``AsyncClient`` whose requests pass through ``rewrite``; yields it and what it sent."""
     sent: list[bytes] = []
-    async with websockets.connect(url, max_size=None, compression=None) as ws:
-
-        async def send(data: bytes) -> None:
-            data = rewrite(bytes(data)) if rewrite else bytes(data)
-            sent.append(data)
-            await ws.send(data)
-
-        client = perspective.AsyncClient(send)
-
-        async def pump() -> None:
-            with contextlib.suppress(websockets.ConnectionClosed):
-                async for message in ws:
-                    result = client.handle_response(message)
-                    if inspect.isawaitable(result):
-                        await result
-
-        reader = asyncio.create_task(pump())
-        try:
-            yield client, sent
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+    async with perspective_client(url, rewrite, sent) as (client, _):
+        yield client, sent
 
 
 def test_hostile_frames_get_a_server_error_and_the_server_lives(url: str) -> None:
