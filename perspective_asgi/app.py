@@ -379,7 +379,7 @@ class AppOptions(TypedDict):
     settings: Settings
 
 
-_TRUE = ("1", "true", "yes", "on")
+TRUE_VALUES = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
@@ -396,7 +396,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> AppOptions:
     read_only = read_only_value.strip().lower()
     for name, value, given in ((DEMO_ENV, demo, demo_value),
                                (READ_ONLY_ENV, read_only, read_only_value)):
-        if value not in ("", *_TRUE, *_FALSE):
+        if value not in ("", *TRUE_VALUES, *_FALSE):
             raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), "
                              f"got {given!r}")
     paths = [path for path in environ.get(FILES_ENV, "").split(os.pathsep) if path]
@@ -404,14 +404,14 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> AppOptions:
         sources = load_sources(paths)
     except LoadError as exc:
         raise LoadError(f"{FILES_ENV}: {exc}") from None
-    if sources.virtual_server is not None and demo in _TRUE:
+    if sources.virtual_server is not None and demo in TRUE_VALUES:
         raise ValueError(f"{DEMO_ENV}={demo_value}: the demo tables cannot be served beside "
                          "a DuckDB database")
     return AppOptions(
         demo=demo not in _FALSE and sources.virtual_server is None,
         tables=sources.tables,
         virtual_server=sources.virtual_server,
-        settings=Settings(read_only=read_only in _TRUE),
+        settings=Settings(read_only=read_only in TRUE_VALUES),
     )
 
 

@@ -180,18 +180,13 @@ def _edge(args: argparse.Namespace) -> int:
     os.environ[edge.UPSTREAM_ENV] = args.upstream
     os.environ[edge.EDGE_TABLES_ENV] = ",".join(sorted(args.tables or ()))
     os.environ[READ_ONLY_ENV] = "1" if args.read_only else "0"
-    options: dict[str, Any] = {
-        "host": args.host, "port": args.port, "log_level": args.log_level,
-        "ws_per_message_deflate": False,
-    }
     if args.workers > 1:
         # uvicorn's supervisor runs its own server class in each worker: at shutdown the
         # websockets get uvicorn's 1012 (service restart), which clients reconnect after.
-        uvicorn.run("perspective_asgi.edge:app", workers=args.workers, **options)
+        uvicorn.run("perspective_asgi.edge:app", workers=args.workers,
+                    **_uvicorn_options(args, compression=False))
         return 0
-    server = _server_class()(uvicorn.Config("perspective_asgi.edge:app", **options))
-    server.run()
-    return 0 if server.started else 1
+    return _run("perspective_asgi.edge:app", args, compression=False)
 
 
 def _build_app(args: argparse.Namespace) -> Any:
@@ -245,26 +240,29 @@ def _server_class() -> type[Any]:
     return Server
 
 
+def _uvicorn_options(args: argparse.Namespace, compression: bool) -> dict[str, Any]:
+    return {"host": args.host, "port": args.port, "log_level": args.log_level,
+            "ws_per_message_deflate": compression}
+
+
+def _run(app: Any, args: argparse.Namespace, compression: bool) -> int:
+    """Serve ``app`` (or its import string) with uvicorn in this process until stopped."""
+    import uvicorn
+
+    server = _server_class()(uvicorn.Config(app, **_uvicorn_options(args, compression)))
+    server.run()
+    # uvicorn exits the process itself when it cannot bind; a clean shutdown lands here.
+    return 0 if server.started else 1
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - checked here for a one-line error
     except ImportError:
         raise UsageError(
             "serve needs uvicorn; pip install 'perspective-asgi[starlette,uvicorn]'"
         ) from None
-    app = _build_app(args)
-    _Server = _server_class()
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        ws_per_message_deflate=args.compression,
-    )
-    server = _Server(config)
-    server.run()
-    # uvicorn exits the process itself when it cannot bind; a clean shutdown lands here.
-    return 0 if server.started else 1
+    return _run(_build_app(args), args, compression=args.compression)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

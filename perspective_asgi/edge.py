@@ -23,7 +23,7 @@ from typing import Any
 from starlette.applications import Starlette
 
 from ._config import Settings
-from .app import READ_ONLY_ENV, create_app
+from .app import READ_ONLY_ENV, TRUE_VALUES, create_app
 from .replica import Replica
 
 __all__ = ["EDGE_TABLES_ENV", "UPSTREAM_ENV", "create_edge_app", "edge_options_from_env"]
@@ -51,7 +51,7 @@ def edge_options_from_env(environ: Mapping[str, str] | None = None) -> dict[str,
     if not upstream.startswith(("ws://", "wss://")):
         raise ValueError(f"{UPSTREAM_ENV} must be a ws:// or wss:// URL, got {upstream!r}")
     names = [name.strip() for name in environ.get(EDGE_TABLES_ENV, "").split(",")]
-    read_only = environ.get(READ_ONLY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    read_only = environ.get(READ_ONLY_ENV, "").strip().lower() in TRUE_VALUES
     return {
         "upstream": upstream,
         "tables": [name for name in names if name] or None,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -56,8 +55,6 @@ class TableStatus:
     snapshots: int = 0
     #: Deltas (updates and removals) applied since the table was created.
     deltas: int = 0
-    #: ``time.time()`` of the last change applied.
-    updated_at: float | None = None
 
 
 @dataclass
@@ -125,7 +122,6 @@ class _Follower:
             else:
                 self.table.remove(op.data)
                 self.status.deltas += 1
-            self.status.updated_at = time.time()
 
 
 class Replica:
