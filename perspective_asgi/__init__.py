@@ -10,6 +10,9 @@ from __future__ import annotations
 from ._auth import HandshakeRequest
 from ._codes import CloseCode
 from ._config import Settings
+from ._core.bridge import SessionBridge, SessionState
+from ._core.policy import Policy
+from ._core.registry import close_all_connections
 from ._exceptions import (
     AuthenticationFailed,
     ConnectionClosed,
@@ -17,10 +20,8 @@ from ._exceptions import (
     ProtocolError,
 )
 from ._observer import SessionObserver
-from ._origin import origin_allowed
-from ._policy import Policy
-from ._session import SessionBridge, SessionState, close_all_connections
 from ._types import Transport
+from .adapters._handshake import origin_allowed
 from .adapters.asgi import PerspectiveASGIApp
 
 __version__ = "0.1.0"

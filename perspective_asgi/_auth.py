@@ -11,19 +11,10 @@ the query string or a cookie; scripts may also use the ``Authorization`` header.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import parse_qsl
-
-from ._exceptions import AuthenticationFailed
-
-if TYPE_CHECKING:
-    from ._config import Settings
-
-logger = logging.getLogger("perspective_asgi")
 
 
 class _Headers(Mapping[str, str]):
@@ -105,39 +96,3 @@ def _parse_cookies(header: str) -> dict[str, str]:
             value = value[1:-1]
         cookies.setdefault(name, value)
     return cookies
-
-
-class Refusal(NamedTuple):
-    """Why a handshake is refused: the HTTP status to answer with, and a short text."""
-
-    status: int
-    reason: str
-
-
-async def authenticate_handshake(
-    settings: Settings, request: Callable[[], HandshakeRequest]
-) -> object | Refusal:
-    """Run ``settings.authenticate`` on a handshake; return its principal or a ``Refusal``.
-
-    Without a hook every handshake is accepted with the principal ``None``. ``request`` is
-    called only when there is a hook, so unauthenticated servers parse nothing.
-    """
-    hook = settings.authenticate
-    if hook is None:
-        return None
-    refusal: Refusal
-    try:
-        principal = await hook(request())
-    except AuthenticationFailed as exc:
-        refusal = Refusal(exc.status, exc.reason)
-    except Exception:
-        # Never accept a connection whose credentials could not be checked.
-        logger.exception("the authenticate hook raised; refusing the handshake with 500")
-        refusal = Refusal(500, "internal error")
-    else:
-        if principal is not None:
-            return principal
-        refusal = Refusal(401, "authentication required")
-    if settings.observer is not None:
-        settings.observer.connection_refused("auth")
-    return refusal

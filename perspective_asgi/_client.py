@@ -28,8 +28,8 @@ from typing import Any
 import perspective
 
 from ._codes import CloseCode
+from ._core.wire import encode_server_error, read_envelope, read_fields
 from ._exceptions import ConnectionClosed, PerspectiveASGIError, ProtocolError
-from ._wire import encode_server_error, read_envelope, read_fields
 
 logger = logging.getLogger("perspective_asgi.client")
 

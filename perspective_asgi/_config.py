@@ -8,9 +8,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from ._auth import Authenticate
+from ._core.policy import Policy, PolicySource
+from ._core.wire import CHEAP_REQUEST_KINDS
 from ._observer import SessionObserver
-from ._policy import Policy, PolicySource
-from ._wire import CHEAP_REQUEST_KINDS
 
 MiB = 1024 * 1024
 

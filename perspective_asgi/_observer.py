@@ -6,19 +6,16 @@ not raise from them (an exception is treated as an internal error of the connect
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._session import SessionBridge
+from ._types import Connection
 
 
 class SessionObserver:
     """Receives events from connections; every hook does nothing unless overridden."""
 
-    def connection_opened(self, bridge: SessionBridge) -> None:
+    def connection_opened(self, bridge: Connection) -> None:
         """A handshake was accepted and its Perspective session created."""
 
-    def connection_closed(self, bridge: SessionBridge, code: int | None) -> None:
+    def connection_closed(self, bridge: Connection, code: int | None) -> None:
         """A connection ended with ``code``: the peer's, or the one the core sent."""
 
     def connection_refused(self, reason: str) -> None:

@@ -45,3 +45,18 @@ class SessionFactory(Protocol):
 
 
 Headers = Mapping[str, str]
+
+
+class Connection(Protocol):
+    """What an observer is told about a connection (a ``SessionBridge``)."""
+
+    #: Names the connection in log records, e.g. ``conn-7 (127.0.0.1:50312)``.
+    name: str
+    #: Who the client authenticated as; ``None`` without authentication.
+    principal: object | None
+    #: The close code that ended the connection, once it has ended.
+    close_code: int | None
+
+    @property
+    def outbox_bytes(self) -> int:
+        """Bytes of replies and updates waiting to be handed to the transport."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from ._config import Settings
-from ._policy import Policy
+from ._core.policy import Policy
 
 __all__ = ["COMPRESSION_DEFAULT", "main"]
 
@@ -227,7 +227,7 @@ def _build_app(args: argparse.Namespace) -> Any:
 def _server_class() -> type[Any]:
     import uvicorn
 
-    from ._session import close_all_connections
+    from ._core.registry import close_all_connections
 
     class Server(uvicorn.Server):
         """uvicorn, but websockets are closed with 1001 (going away) before it shuts down."""

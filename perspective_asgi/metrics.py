@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from . import _session
+from ._core import registry
+from ._core.wire import REQUEST_KIND_NAMES
 from ._observer import SessionObserver
-from ._wire import REQUEST_KIND_NAMES
+from ._types import Connection
 
 #: Request latency buckets in seconds: cheap requests take microseconds, queries seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -68,10 +69,10 @@ class PrometheusObserver(SessionObserver):
         self._received = (self.messages.labels("in"), self.bytes.labels("in"))
         self._sent = (self.messages.labels("out"), self.bytes.labels("out"))
 
-    def connection_opened(self, bridge: _session.SessionBridge) -> None:
+    def connection_opened(self, bridge: Connection) -> None:
         self.connections.inc()
 
-    def connection_closed(self, bridge: _session.SessionBridge, code: int | None) -> None:
+    def connection_closed(self, bridge: Connection, code: int | None) -> None:
         self.connections.dec()
         self.closes.labels(str(code) if code is not None else "none").inc()
 
@@ -96,4 +97,4 @@ class PrometheusObserver(SessionObserver):
 
 
 def _queued_bytes() -> float:
-    return float(sum(bridge.outbox_bytes for bridge in list(_session._running)))
+    return float(registry.queued_bytes())

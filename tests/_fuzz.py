@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import perspective
 
 from perspective_asgi import ProtocolError
-from perspective_asgi._wire import read_envelope, read_varint
+from perspective_asgi._core.wire import read_envelope, read_varint
 
 from ._frames import capture, key, length_delimited, varint
 

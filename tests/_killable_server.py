@@ -14,7 +14,7 @@ import perspective
 import uvicorn
 
 from perspective_asgi import PerspectiveASGIApp
-from perspective_asgi._wire import read_envelope
+from perspective_asgi._core.wire import read_envelope
 
 VIEW_TO_CSV = 25
 

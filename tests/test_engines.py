@@ -10,7 +10,7 @@ import pytest
 import websockets
 
 from perspective_asgi import CloseCode, HandshakeRequest, Policy, Settings
-from perspective_asgi._wire import read_envelope
+from perspective_asgi._core.wire import read_envelope
 
 from ._client import perspective_client
 from ._servers import ADAPTERS, serve_in_thread

@@ -10,8 +10,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from perspective_asgi import AuthenticationFailed, HandshakeRequest, Settings
-from perspective_asgi._limits import TokenBucket
-from perspective_asgi._wire import read_envelope
+from perspective_asgi._core.limits import TokenBucket
+from perspective_asgi._core.wire import read_envelope
 from perspective_asgi.metrics import PrometheusObserver
 
 from .conftest import CountingFactory

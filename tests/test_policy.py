@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 from perspective_asgi import AuthenticationFailed, HandshakeRequest, Policy, Settings
-from perspective_asgi._wire import (
+from perspective_asgi._core.wire import (
     MAKE_JOIN_TABLE,
     TABLE_REQUEST_KINDS,
     VIEW_REQUEST_KINDS,

@@ -10,8 +10,8 @@ import pytest
 import websockets
 
 from perspective_asgi import Settings
-from perspective_asgi._policy import MUTATING_REQUEST_KINDS
-from perspective_asgi._wire import SERVER_ERROR, read_envelope, read_fields
+from perspective_asgi._core.policy import MUTATING_REQUEST_KINDS
+from perspective_asgi._core.wire import SERVER_ERROR, read_envelope, read_fields
 
 from ._client import perspective_client
 from .conftest import DEMO_ROWS

@@ -30,8 +30,8 @@ from perspective_asgi import (
     close_all_connections,
 )
 from perspective_asgi._codes import QUIET_CLOSE_CODES
+from perspective_asgi._core.wire import CHEAP_REQUEST_KINDS, read_envelope
 from perspective_asgi._types import Frame
-from perspective_asgi._wire import CHEAP_REQUEST_KINDS, read_envelope
 
 from ._frames import capture, length_delimited
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from perspective_asgi import Settings
-from perspective_asgi._wire import CHEAP_REQUEST_KINDS
+from perspective_asgi._core.wire import CHEAP_REQUEST_KINDS
 
 COUNT_FIELDS = [
     "max_message_size",

@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 from perspective_asgi import SessionBridge
-from perspective_asgi._wire import SERVER_ERROR, read_envelope, read_fields
+from perspective_asgi._core.wire import SERVER_ERROR, read_envelope, read_fields
 
 from ._client import perspective_client
 from ._frames import key, length_delimited, varint

@@ -6,7 +6,7 @@ import perspective
 import pytest
 
 from perspective_asgi import CloseCode, ProtocolError
-from perspective_asgi._wire import CHEAP_REQUEST_KINDS, Envelope, read_envelope, read_varint
+from perspective_asgi._core.wire import CHEAP_REQUEST_KINDS, Envelope, read_envelope, read_varint
 
 from ._frames import Exchange, capture, key, length_delimited, varint
 

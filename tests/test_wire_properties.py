@@ -15,7 +15,7 @@ import hypothesis.strategies as st
 from hypothesis import given
 
 from perspective_asgi import CloseCode, ProtocolError
-from perspective_asgi._wire import Envelope, read_envelope, read_varint
+from perspective_asgi._core.wire import Envelope, read_envelope, read_varint
 
 VARINT, FIXED64, LENGTH_DELIMITED, START_GROUP, END_GROUP, FIXED32 = 0, 1, 2, 3, 4, 5
 MAX_FIELD_NUMBER = 2**29 - 1

@@ -19,13 +19,13 @@ import contextlib
 import perspective
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from .._auth import HandshakeRequest, Refusal, authenticate_handshake
+from .._auth import HandshakeRequest
 from .._codes import CloseCode
 from .._config import Settings, resolve_settings
+from .._core.bridge import SessionBridge
 from .._exceptions import ConnectionClosed, ProtocolError
-from .._origin import refuse_origin
-from .._session import SessionBridge
 from .._types import Frame, SessionFactory
+from ._handshake import Refusal, authenticate_handshake, refuse_origin
 
 
 class _AIOHTTPTransport:

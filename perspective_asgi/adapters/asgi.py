@@ -6,9 +6,9 @@ import concurrent.futures
 
 import perspective
 
-from .._asgi import serve_websocket
 from .._config import Settings, resolve_settings
 from .._types import Receive, Scope, Send, SessionFactory
+from ._asgi import serve_websocket
 
 
 class PerspectiveASGIApp:

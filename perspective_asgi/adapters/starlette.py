@@ -39,10 +39,10 @@ import perspective
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from .._asgi import ASGITransport, serve_websocket
 from .._config import Settings, resolve_settings
-from .._session import SessionBridge
+from .._core.bridge import SessionBridge
 from .._types import SessionFactory
+from ._asgi import ASGITransport, serve_websocket
 
 
 class PerspectiveStarletteHandler:

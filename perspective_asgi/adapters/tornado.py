@@ -24,12 +24,12 @@ from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from .._auth import HandshakeRequest, Refusal, authenticate_handshake
+from .._auth import HandshakeRequest
 from .._config import Settings, resolve_settings
+from .._core.bridge import SessionBridge
 from .._exceptions import ConnectionClosed
-from .._origin import refuse_origin
-from .._session import SessionBridge
 from .._types import Frame, SessionFactory
+from ._handshake import Refusal, authenticate_handshake, refuse_origin
 
 
 class _TornadoTransport:

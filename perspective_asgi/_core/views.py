@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import threading
 
-from ._exceptions import ProtocolError
-from ._policy import Refused
-from ._wire import (
+from .._exceptions import ProtocolError
+from .policy import Refused
+from .wire import (
     SERVER_ERROR,
     TABLE_DATA_REQUEST_KINDS,
     TABLE_MAKE_VIEW,

@@ -20,9 +20,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
-from ._codes import CloseCode
-from ._exceptions import ProtocolError
-from ._wire import (
+from .._codes import CloseCode
+from .._exceptions import ProtocolError
+from .wire import (
     GET_HOSTED_TABLES,
     MAKE_JOIN_TABLE,
     REMOVE_HOSTED_TABLES_UPDATE,

@@ -27,7 +27,6 @@ import logging
 import sys
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,16 +37,17 @@ import anyio.lowlevel
 import perspective
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._codes import QUIET_CLOSE_CODES, CloseCode
-from ._config import Settings
-from ._exceptions import ConnectionClosed, ProtocolError
-from ._hosted import HostedTablesProbe
-from ._limits import TokenBucket, connection_slots
-from ._observer import NULL_OBSERVER
-from ._policy import ALLOW_ALL, Policy, PolicyGuard, Refused
-from ._types import SessionFactory, Transport
-from ._views import ViewGuard
-from ._wire import GET_HOSTED_TABLES, Envelope, encode_server_error, read_envelope
+from .._codes import QUIET_CLOSE_CODES, CloseCode
+from .._config import Settings
+from .._exceptions import ConnectionClosed, ProtocolError
+from .._observer import NULL_OBSERVER
+from .._types import SessionFactory, Transport
+from . import registry
+from .hosted import HostedTablesProbe
+from .limits import TokenBucket, connection_slots
+from .policy import ALLOW_ALL, Policy, PolicyGuard, Refused
+from .views import ViewGuard
+from .wire import GET_HOSTED_TABLES, Envelope, encode_server_error, read_envelope
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -64,76 +64,6 @@ class SessionState(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-def _current_loop() -> tuple[object, Callable[[Callable[[], None]], object]]:
-    """Return the running event loop (or trio token) and a way to call into it from any thread."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        import trio  # the only other backend anyio runs on
-
-        token = trio.lowlevel.current_trio_token()
-        return token, lambda callback: token.run_sync_soon(callback)
-    return loop, lambda callback: loop.call_soon_threadsafe(callback)
-
-
-_thread_limiters: anyio.lowlevel.RunVar[dict[tuple[int, int], anyio.CapacityLimiter]] = (
-    anyio.lowlevel.RunVar("perspective_asgi_thread_limiters")
-)
-
-
-def _thread_limiter(owner: int, tokens: int) -> anyio.CapacityLimiter:
-    """Return this event loop's limiter of ``tokens`` threads for ``owner``."""
-    try:
-        limiters = _thread_limiters.get()
-    except LookupError:
-        limiters = {}
-        _thread_limiters.set(limiters)
-    key = (owner, tokens)
-    if key not in limiters:
-        limiters[key] = anyio.CapacityLimiter(tokens)
-    return limiters[key]
-
-
-_busy_lock = threading.Lock()
-#: Requests running in worker threads, per engine (keyed by ``id``). While one runs, a cheap
-#: request could still wait for the engine's lock (a ``view.delete()`` holds it for 100s of
-#: ms), and inline it would stall the event loop: it goes to a thread too.
-_engine_busy: dict[int, int] = {}
-
-
-def _engine_is_busy(key: int) -> bool:
-    return key in _engine_busy
-
-
-def _mark_busy(key: int, delta: int) -> None:
-    with _busy_lock:
-        count = _engine_busy.get(key, 0) + delta
-        if count:
-            _engine_busy[key] = count
-        else:
-            _engine_busy.pop(key, None)
-
-
-#: Connections being served in this process, for ``close_all_connections``.
-_running: weakref.WeakSet[SessionBridge] = weakref.WeakSet()
-
-
-async def close_all_connections(
-    code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down"
-) -> None:
-    """Close every connection served on the running event loop and wait for them to end.
-
-    For servers that leave open websockets to the application at shutdown (Tornado,
-    aiohttp): call it from the shutdown hook so clients get a 1001 and sessions are closed.
-    """
-    here, _ = _current_loop()
-    bridges = [bridge for bridge in list(_running) if bridge._loop is here]
-    for bridge in bridges:
-        bridge.close(code, reason)
-    for bridge in bridges:
-        await bridge.wait_closed()
 
 
 class _Abort(Exception):
@@ -219,8 +149,8 @@ class SessionBridge:
         self._sending = False
         self._close_deferred = False
         self._session_closed = False
-        self._loop_thread = 0
-        self._loop: object = None
+        self.loop_thread = 0
+        self.loop: object = None
         self._handoff: Callable[[Callable[[], None]], object] | None = None
         #: The connection's task group while it runs: the request worker is started in it only
         #: when requests are queued, so an idle connection runs two tasks (reader, writer).
@@ -241,17 +171,17 @@ class SessionBridge:
         """Serve ``transport`` until either side closes it; the session is closed on return."""
         if self.state is not SessionState.CONNECTING:
             raise RuntimeError(f"SessionBridge.run() called on a {self.state.value} connection")
-        self._loop_thread = threading.get_ident()
-        self._loop, self._handoff = _current_loop()
+        self.loop_thread = threading.get_ident()
+        self.loop, self._handoff = registry.current_loop()
         self._finished = anyio.Event()
-        _running.add(self)
+        registry.add(self)
         try:
             await self._serve(transport)
         finally:
             if self._session is not None:
                 self._observer.connection_closed(self, self.close_code)
             self.state = SessionState.CLOSED
-            _running.discard(self)
+            registry.discard(self)
             self._finished.set()
 
     async def _serve(self, transport: Transport) -> None:
@@ -295,12 +225,14 @@ class SessionBridge:
             self._inline_kinds = frozenset(self._inline_kinds) - {GET_HOSTED_TABLES}
         if self._limiter is None:
             if self._engine_is_server:
-                self._limiter = _thread_limiter(0, self.settings.max_request_threads)
+                self._limiter = registry.thread_limiter(0, self.settings.max_request_threads)
             else:
                 # One limiter per virtual server: its backend connection is shared by all
                 # sessions and may not be thread-safe (a DuckDB connection is not).
                 engine = getattr(self.factory, "__wrapped__", self.factory)
-                self._limiter = _thread_limiter(id(engine), self.settings.virtual_server_threads)
+                self._limiter = registry.thread_limiter(
+                    id(engine), self.settings.virtual_server_threads
+                )
         callback = self._on_response_async if self._is_async else self._on_response
         self._session = self.factory.new_session(callback)
         self.state = SessionState.OPEN
@@ -409,7 +341,7 @@ class SessionBridge:
                 kind in self._inline_kinds
                 and not self._queued_requests
                 and not self._outbox
-                and not _engine_is_busy(self._engine_key)
+                and not registry.engine_is_busy(self._engine_key)
             ):
                 # Fast path: nothing is ahead of this cheap request, so answering it here
                 # keeps the order and saves two task switches per round trip.
@@ -473,7 +405,7 @@ class SessionBridge:
                 self._hosted_visible = await self._visible_tables()
             if self._is_async:
                 await self._session.handle_request(data)
-            elif kind in self._inline_kinds and not _engine_is_busy(self._engine_key):
+            elif kind in self._inline_kinds and not registry.engine_is_busy(self._engine_key):
                 self._handle(data)
             else:
                 await self._handle_in_thread(data)
@@ -486,7 +418,7 @@ class SessionBridge:
             self._request_running = True
             self._request_started = False
         executor = self.settings.executor
-        _mark_busy(self._engine_key, 1)
+        registry.mark_busy(self._engine_key, 1)
         try:
             if executor is None:
                 # The thread is abandoned on cancel: it cannot be interrupted, and
@@ -506,7 +438,7 @@ class SessionBridge:
                     self._request_running = False
             raise
         finally:
-            _mark_busy(self._engine_key, -1)
+            registry.mark_busy(self._engine_key, -1)
 
     def _run_request(self, data: bytes) -> None:
         with self._lock:
@@ -584,7 +516,7 @@ class SessionBridge:
     def _enqueue(self, data: bytes) -> None:
         """Queue ``data`` for the writer; any thread may call it."""
         size = len(data)
-        on_loop = threading.get_ident() == self._loop_thread
+        on_loop = threading.get_ident() == self.loop_thread
         with self._lock:
             if self.state is not SessionState.OPEN or self._overflowed:
                 return
@@ -639,7 +571,7 @@ class SessionBridge:
             self._hosted_pending[read_envelope(notification).msg_id] = notification
         if not first:
             return  # The check already scheduled covers this one.
-        if threading.get_ident() == self._loop_thread:
+        if threading.get_ident() == self.loop_thread:
             self._wake_hosted()
         elif self._handoff is not None:
             self._handoff(self._wake_hosted)

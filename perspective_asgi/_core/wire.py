@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ._codes import CloseCode
-from ._exceptions import ProtocolError
+from .._codes import CloseCode
+from .._exceptions import ProtocolError
 
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 

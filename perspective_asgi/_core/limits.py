@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 
-from ._config import Settings
+from .._config import Settings
 
 
 class TokenBucket:

@@ -6,13 +6,13 @@ ASGI 3 websocket protocol and imports nothing beyond the core.
 
 from __future__ import annotations
 
-from ._auth import HandshakeRequest, Refusal, authenticate_handshake
-from ._codes import CloseCode
-from ._config import Settings
-from ._exceptions import ConnectionClosed
-from ._origin import refuse_origin
-from ._session import SessionBridge
-from ._types import Frame, Receive, Scope, Send, SessionFactory
+from .._auth import HandshakeRequest
+from .._codes import CloseCode
+from .._config import Settings
+from .._core.bridge import SessionBridge
+from .._exceptions import ConnectionClosed
+from .._types import Frame, Receive, Scope, Send, SessionFactory
+from ._handshake import Refusal, authenticate_handshake, refuse_origin
 
 
 def scope_header(scope: Scope, name: bytes) -> str | None:

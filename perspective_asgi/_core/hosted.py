@@ -13,9 +13,9 @@ import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._policy import hosted_table_names
-from ._types import SessionFactory
-from ._wire import GET_HOSTED_TABLES, encode_field
+from .._types import SessionFactory
+from .policy import hosted_table_names
+from .wire import GET_HOSTED_TABLES, encode_field
 
 RunInThread = Callable[[Callable[[], list[str]]], Awaitable[list[str]]]
 
