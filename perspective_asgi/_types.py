@@ -20,7 +20,12 @@ Frame = Union[bytes, bytearray, memoryview, str]  # noqa: UP007 - a runtime alia
 
 
 class Transport(Protocol):
-    """One accepted websocket, as seen by the core."""
+    """One accepted websocket, as seen by the core.
+
+    A transport may also define ``abort()`` (synchronous, never raising): the core calls it
+    when ``close`` has not finished within ``Settings.close_timeout``, to drop the TCP
+    connection of a peer that stopped reading.
+    """
 
     async def receive(self) -> Frame:
         """Return the next message; raise ``ConnectionClosed`` once the peer has gone."""
@@ -29,7 +34,8 @@ class Transport(Protocol):
         """Send one binary message, waiting while the framework's write buffer is full."""
 
     async def close(self, code: int, reason: str) -> None:
-        """Close the websocket; must not raise if the peer has already gone."""
+        """Close the websocket and wait for the closing handshake where the framework lets
+        the application wait; must not raise if the peer has already gone."""
 
 
 class Session(Protocol):

@@ -192,8 +192,7 @@ class SessionBridge:
             self._observer.connection_refused(refused)
             logger.warning("%s: closing with 1013: %s reached", self.name, refused)
             self.close_code = CloseCode.TRY_AGAIN_LATER
-            with anyio.move_on_after(self.settings.close_timeout, shield=True):
-                await transport.close(CloseCode.TRY_AGAIN_LATER, f"{refused} reached")
+            await self._close_transport(transport, CloseCode.TRY_AGAIN_LATER, f"{refused} reached")
             return
         try:
             await self._serve_admitted(transport)
@@ -217,8 +216,7 @@ class SessionBridge:
         except Exception:
             logger.exception("%s: Settings.policy failed; closing with 1011", self.name)
             self.close_code = CloseCode.INTERNAL_ERROR
-            with anyio.move_on_after(self.settings.close_timeout, shield=True):
-                await transport.close(CloseCode.INTERNAL_ERROR, "internal error")
+            await self._close_transport(transport, CloseCode.INTERNAL_ERROR, "internal error")
             return
         if self._guard.filters_tables:
             # Subscriptions to the hosted-tables list need a first listing on the worker task.
@@ -263,8 +261,7 @@ class SessionBridge:
             # The server is shutting down and cancelled this connection: tell the client why
             # rather than leave it to the server's default (hypercorn sends 1011).
             self.close_code = CloseCode.GOING_AWAY
-            with anyio.move_on_after(self.settings.close_timeout, shield=True):
-                await transport.close(CloseCode.GOING_AWAY, "server shutting down")
+            await self._close_transport(transport, CloseCode.GOING_AWAY, "server shutting down")
             raise
         except Exception as exc:
             peer_gone = self._record_failure(exc)
@@ -284,12 +281,21 @@ class SessionBridge:
         if not peer_gone:
             abort = self._abort or _Abort(CloseCode.GOING_AWAY, "")
             self.close_code = abort.code
-            with anyio.move_on_after(self.settings.close_timeout, shield=True):
-                await transport.close(abort.code, abort.reason)
+            await self._close_transport(transport, abort.code, abort.reason)
         if self.close_code in QUIET_CLOSE_CODES:
             logger.debug("%s: closed with %s", self.name, self.close_code)
         elif peer_gone:
             logger.info("%s: the client closed with %s", self.name, self.close_code)
+
+    async def _close_transport(self, transport: Transport, code: int, reason: str) -> None:
+        """Close the websocket, waiting at most ``close_timeout`` for the closing handshake;
+        past it, drop the TCP connection if the transport can (a peer that stopped reading
+        would otherwise hold it open behind the bytes the kernel already has)."""
+        with anyio.move_on_after(self.settings.close_timeout, shield=True) as scope:
+            await transport.close(code, reason)
+        abort = getattr(transport, "abort", None)
+        if scope.cancelled_caught and abort is not None:
+            abort()
 
     def _record_failure(self, exc: Exception) -> bool:
         """Choose the close code for what ended the tasks; return whether the peer is gone."""
