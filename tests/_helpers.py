@@ -13,9 +13,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import perspective
 import websockets
 from websockets.asyncio.client import ClientConnection
+
+from perspective_asgi import CloseCode, ConnectionClosed, SessionBridge
+from perspective_asgi._types import Frame
+
+#: How long any single wait in these tests may take before the test fails.
+WAIT = 10
 
 DEMO_ROWS = {
     "id": [1, 2, 3, 4],
@@ -81,6 +88,105 @@ class CountingFactory:
             done = self._changed.wait_for(lambda: self.closed == self.opened, timeout)
             assert done, f"{self.opened} sessions opened but {self.closed} closed"
             assert self.closed == self.opened
+
+
+# An in-memory transport, for the core in-process -------------------------------------------------
+
+
+class MemoryTransport:
+    """A ``Transport`` over memory streams: the test plays the peer at the other end."""
+
+    def __init__(self) -> None:
+        self._peer, self._inbound = anyio.create_memory_object_stream[Frame](64)
+        self._sent, self.replies = anyio.create_memory_object_stream[bytes](10_000)
+        #: Called with each message sent to the peer, e.g. ``AsyncClient.handle_response``.
+        self.deliver: Callable[[bytes], Any] | None = None
+        self.received = 0
+        self.closes: list[tuple[int, str]] = []
+        self.closed = anyio.Event()
+        #: The same as ``closed``, for threads other than the event loop's.
+        self.closed_flag = threading.Event()
+        self.send_entered = anyio.Event()
+        #: Set when a send starts waiting on a stalled client, for other threads to wait on.
+        self.stalled_flag = threading.Event()
+        self.cancelled_sends = 0
+        self._gate: anyio.Event | None = None
+        self._hangup_code: int = CloseCode.NO_STATUS_RECEIVED
+        self._hung_up = False
+
+    # The peer's side.
+
+    async def feed(self, *frames: Frame) -> None:
+        for frame in frames:
+            await self._peer.send(frame)
+
+    def hang_up(self, code: int = CloseCode.NO_STATUS_RECEIVED) -> None:
+        """The peer goes away: ``receive`` raises ``ConnectionClosed(code)`` once drained."""
+        if not self._hung_up:
+            self._hung_up = True
+            self._hangup_code = code
+        self._peer.close()
+
+    def stall(self) -> anyio.Event:
+        """Make every later ``send`` wait until the returned event is set: a slow reader."""
+        self._gate = anyio.Event()
+        self.send_entered = anyio.Event()  # set again by the first send to stall
+        return self._gate
+
+    async def next_reply(self) -> bytes:
+        with anyio.fail_after(WAIT):
+            return await self.replies.receive()
+
+    # The core's side.
+
+    async def receive(self) -> Frame:
+        try:
+            frame = await self._inbound.receive()
+        except anyio.EndOfStream:
+            raise ConnectionClosed(self._hangup_code) from None
+        self.received += 1
+        return frame
+
+    async def send(self, data: bytes) -> None:
+        assert isinstance(data, bytes)
+        assert not self.closes, "send after close"
+        self.send_entered.set()
+        if self._gate is not None:
+            self.stalled_flag.set()
+            try:
+                await self._gate.wait()
+            except anyio.get_cancelled_exc_class():
+                self.cancelled_sends += 1
+                raise
+        self._sent.send_nowait(data)
+        if self.deliver is not None:
+            result = self.deliver(data)
+            if inspect.isawaitable(result):
+                await result
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+        self.closed.set()
+        self.closed_flag.set()
+
+    def dispose(self) -> None:
+        for stream in (self._peer, self._inbound, self._sent, self.replies):
+            stream.close()
+
+
+NewTransport = Callable[[], MemoryTransport]
+
+
+@contextlib.asynccontextmanager
+async def serving(bridge: SessionBridge, transport: MemoryTransport) -> AsyncIterator[None]:
+    """Run ``bridge`` while the body runs; the peer hangs up when it ends (if not before)."""
+    with anyio.fail_after(WAIT):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(bridge.run, transport)
+            try:
+                yield
+            finally:
+                transport.hang_up()
 
 
 # The stock client over a real websocket --------------------------------------------------------

@@ -19,9 +19,9 @@ from perspective_asgi._core.wire import SERVER_ERROR, read_envelope, read_fields
 
 from ._client import perspective_client
 from ._frames import key, length_delimited, varint
+from ._helpers import WAIT, MemoryTransport, NewTransport, serving
 from .conftest import CountingFactory
 from .test_protocol import run, still_serving
-from .test_session import WAIT, MemoryTransport, NewTransport, serving
 
 Rewrite = Callable[[bytes], bytes]
 
