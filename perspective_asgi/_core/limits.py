@@ -15,11 +15,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 
-from .._config import Settings
-
 
 class TokenBucket:
     """Admits ``burst`` requests at once and ``rate`` per second on average."""
+
+    __slots__ = ("_clock", "_tokens", "_updated", "burst", "rate")
 
     def __init__(
         self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
@@ -49,14 +49,15 @@ class ConnectionSlots:
         self.total = 0
         self.per_principal: Counter[Hashable] = Counter()
 
-    def acquire(self, principal: object, settings: Settings) -> str | None:
+    def acquire(
+        self, principal: object, max_total: int | None, max_per_principal: int | None
+    ) -> str | None:
         """Take a slot for a connection; return why it is refused (``None`` if admitted)."""
         key = principal_key(principal)
         with self._lock:
-            limit = settings.max_connections
-            if limit is not None and self.total >= limit:
+            if max_total is not None and self.total >= max_total:
                 return "max_connections"
-            limit = settings.max_connections_per_principal
+            limit = max_per_principal
             if key is not None and limit is not None and self.per_principal[key] >= limit:
                 return "max_connections_per_principal"
             self.total += 1

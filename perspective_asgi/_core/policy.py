@@ -93,6 +93,8 @@ class Refused(NamedTuple):
 class PolicyGuard:
     """Applies one connection's ``Policy`` to its requests and to the hosted-tables replies."""
 
+    __slots__ = ("_table_of", "_tables", "policy", "subscriptions")
+
     def __init__(self, policy: Policy, table_of: Callable[[str], str | None]) -> None:
         self.policy = policy
         self._tables: frozenset[str] | None = (
@@ -100,8 +102,9 @@ class PolicyGuard:
         )
         #: The table a view of this connection was made on (``None``: not its view).
         self._table_of = table_of
-        #: ``msg_id`` of each hosted-tables subscription: their notifications are filtered.
-        self.subscriptions: set[int] = set()
+        #: ``msg_id`` of each hosted-tables subscription (their notifications are filtered);
+        #: made on the first one.
+        self.subscriptions: set[int] | None = None
 
     @property
     def filters_tables(self) -> bool:
@@ -156,19 +159,17 @@ class PolicyGuard:
             return Refused("table", TABLE_NOT_FOUND_MESSAGE)
         return None
 
-    def note_request(self, envelope: Envelope) -> bool:
-        """Track hosted-tables subscriptions as their requests go to the engine; return whether
-        ``envelope`` starts one whose notifications must be filtered."""
+    def note_request(self, envelope: Envelope) -> None:
+        """Track hosted-tables subscriptions as their requests go to the engine."""
         if envelope.kind == GET_HOSTED_TABLES:
-            for number, value in read_fields(envelope.body):
-                if number == 1 and value == 1:  # GetHostedTablesReq.subscribe
-                    self.subscriptions.add(envelope.msg_id)
-                    return self._tables is not None
-        elif envelope.kind == REMOVE_HOSTED_TABLES_UPDATE:
+            if subscribes(envelope):
+                if self.subscriptions is None:
+                    self.subscriptions = set()
+                self.subscriptions.add(envelope.msg_id)
+        elif envelope.kind == REMOVE_HOSTED_TABLES_UPDATE and self.subscriptions:
             for number, value in read_fields(envelope.body):
                 if number == 1 and isinstance(value, int):
                     self.subscriptions.discard(value)
-        return False
 
     def filter_reply(self, data: bytes) -> tuple[bytes, bool]:
         """Return the reply to send in place of ``data``, and whether it is a hosted-tables
@@ -188,12 +189,20 @@ class PolicyGuard:
                 and self.allows_table(_hosted_table_name(info))
             ]
             return replace_body(data, reply, b"".join(kept)), False
-        if reply.kind is None and reply.msg_id in self.subscriptions:
+        if reply.kind is None and self.subscriptions and reply.msg_id in self.subscriptions:
             return data, True
         return data, False
 
     def visible(self, names: Collection[str]) -> frozenset[str]:
         return frozenset(name for name in names if self.allows_table(name))
+
+
+def subscribes(envelope: Envelope) -> bool:
+    """Whether ``envelope`` asks for the hosted tables and their later changes."""
+    if envelope.kind != GET_HOSTED_TABLES:
+        return False
+    # GetHostedTablesReq.subscribe (1)
+    return any(number == 1 and value == 1 for number, value in read_fields(envelope.body))
 
 
 def replace_body(data: bytes, reply: Envelope, body: bytes) -> bytes:

@@ -7,6 +7,7 @@ event loops, as in tests) in one process never share a limit by accident.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -17,12 +18,20 @@ import anyio.lowlevel
 
 from .._codes import CloseCode
 
+try:
+    import sniffio
+except ImportError:  # anyio without sniffio detects asyncio by its running loop
+    sniffio = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from .bridge import SessionBridge
 
 
 def current_loop() -> tuple[object, Callable[[Callable[[], None]], object]]:
-    """Return the running event loop (or trio token) and a way to call into it from any thread."""
+    """Return the running event loop (or trio token) and a way to call into it from any thread.
+
+    The callbacks may start tasks in an anyio task group.
+    """
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -30,7 +39,11 @@ def current_loop() -> tuple[object, Callable[[Callable[[], None]], object]]:
 
         token = trio.lowlevel.current_trio_token()
         return token, lambda callback: token.run_sync_soon(callback)
-    return loop, lambda callback: loop.call_soon_threadsafe(callback)
+    # A loop callback runs in no task, where anyio cannot tell which library runs it; tell it.
+    context = contextvars.copy_context()
+    if sniffio is not None:
+        context.run(sniffio.current_async_library_cvar.set, "asyncio")
+    return loop, lambda callback: loop.call_soon_threadsafe(callback, context=context)
 
 
 # Running connections --------------------------------------------------------------------------

@@ -48,6 +48,8 @@ _live_views: dict[int, set[str]] = {}
 class ViewGuard:
     """One connection's views; answers whether each request may reach the engine."""
 
+    __slots__ = ("_creating", "_engine", "_max_views", "_owned")
+
     def __init__(self, engine: object, max_views: int | None = None) -> None:
         self._engine = id(engine)
         self._max_views = max_views
