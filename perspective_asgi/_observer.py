@@ -42,5 +42,44 @@ class SessionObserver:
         """The engine answered a request of ``kind`` (``Request`` field number) in ``seconds``."""
 
 
+class FanOutObserver(SessionObserver):
+    """Passes every event to each of ``observers``, in order (not part of the public API).
+
+    An observer that raises stops the event there, as a lone observer's error would: put
+    the one that must not miss an event first.
+    """
+
+    def __init__(self, *observers: SessionObserver) -> None:
+        self.observers = observers
+
+    def connection_opened(self, bridge: Connection) -> None:
+        for observer in self.observers:
+            observer.connection_opened(bridge)
+
+    def connection_closed(self, bridge: Connection, code: int | None) -> None:
+        for observer in self.observers:
+            observer.connection_closed(bridge, code)
+
+    def connection_refused(self, reason: str) -> None:
+        for observer in self.observers:
+            observer.connection_refused(reason)
+
+    def message_received(self, size: int) -> None:
+        for observer in self.observers:
+            observer.message_received(size)
+
+    def message_sent(self, size: int) -> None:
+        for observer in self.observers:
+            observer.message_sent(size)
+
+    def request_refused(self, kind: int | None, reason: str) -> None:
+        for observer in self.observers:
+            observer.request_refused(kind, reason)
+
+    def request_handled(self, kind: int | None, seconds: float) -> None:
+        for observer in self.observers:
+            observer.request_handled(kind, seconds)
+
+
 #: The observer used when ``Settings.observer`` is ``None``.
 NULL_OBSERVER = SessionObserver()

@@ -43,6 +43,7 @@ from starlette.staticfiles import StaticFiles
 from ._config import Settings
 from ._exceptions import LoadError
 from ._loaders import load_sources
+from ._observer import FanOutObserver
 from ._types import SessionFactory
 from .adapters.starlette import PerspectiveWebSocketRoute
 from .metrics import PrometheusObserver
@@ -257,6 +258,18 @@ def _host_tables(client: Any, tables: Mapping[str, tuple[bytes, str | None]]) ->
             raise ValueError(f"table {name!r}: {reason}") from exc
 
 
+def _with_metrics(settings: Settings) -> tuple[Settings, PrometheusObserver]:
+    """Return ``settings`` whose observer feeds a ``PrometheusObserver``, and that observer."""
+    given = settings.observer
+    if isinstance(given, PrometheusObserver):
+        return settings, given
+    # /metrics reports every connection of the app, whatever else observes them; the app's
+    # own observer goes first, so one that raises cannot make it miss an event.
+    metrics = PrometheusObserver()
+    observer = metrics if given is None else FanOutObserver(metrics, given)
+    return dataclasses.replace(settings, observer=observer), metrics
+
+
 def create_app(
     *,
     demo: bool = True,
@@ -274,6 +287,10 @@ def create_app(
     ``replica`` (a ``perspective_asgi.replica.Replica``) makes the app an edge: it serves the
     replica's local server, runs the replica for the app's lifetime, and ``/readyz`` answers 503
     while the replica is not synchronised with its upstream.
+
+    ``/metrics`` counts every connection of the app: it serves ``settings.observer`` when
+    that is a ``PrometheusObserver``, and otherwise the app's own (``app.state.metrics``),
+    which then observes the connections beside ``settings.observer``.
 
     The server is ``app.state.perspective_server``: host more tables on a ``perspective.Server``
     with ``app.state.perspective_server.new_local_client().table(...)``.
@@ -305,11 +322,7 @@ def create_app(
         _host_tables(client, tables)
         server = local
 
-    # Metrics count every connection of this app; a caller's own observer takes precedence.
-    observer = PrometheusObserver()
-    settings = settings or Settings()
-    if settings.observer is None:
-        settings = dataclasses.replace(settings, observer=observer)
+    settings, metrics_observer = _with_metrics(settings or Settings())
     routes: list[BaseRoute] = [PerspectiveWebSocketRoute("/websocket", server, settings=settings)]
     asset_url = os.environ.get(ASSET_URL_ENV) or None
     bundle = _bundle_directory()
@@ -339,7 +352,9 @@ def create_app(
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(observer.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            generate_latest(metrics_observer.registry), media_type=CONTENT_TYPE_LATEST
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -365,7 +380,7 @@ def create_app(
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.perspective_server = server
-    app.state.metrics = observer
+    app.state.metrics = metrics_observer
     app.state.replica = replica
     return app
 
