@@ -16,7 +16,6 @@ it never touches the loop's objects from a foreign thread and never raises into 
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import itertools
 import logging
@@ -39,9 +38,8 @@ from .guards import GuardChain
 from .hosted import HostedTablesGate, HostedTablesProbe
 from .limits import connection_slots
 from .outbox import Outbox, OutboxState
-from .policy import ALLOW_ALL, Policy, PolicyGuard
-from .runner import EngineKind, RequestRunner
-from .views import ViewGuard
+from .policy import resolve_policy
+from .runner import EngineKind, RequestRunner, default_limiter
 from .wire import Envelope, read_envelope
 
 if sys.version_info < (3, 11):
@@ -212,45 +210,22 @@ class SessionBridge:
 
     def _make_guards(self) -> tuple[GuardChain, HostedTablesGate | None]:
         settings = self.settings
-        views = ViewGuard(self._engine, settings.max_views_per_connection)
-        policy = PolicyGuard(self._resolve_policy(), views.table_of)
-        rate = settings.max_requests_per_second
-        guards = GuardChain(
-            views, policy, observer=self._observer, max_violations=settings.max_violations,
-            rate=None if rate is None else (rate, settings.request_burst or max(1, int(rate))),
-        )
-        if not policy.filters_tables:
+        policy = resolve_policy(settings.policy, self.principal, read_only=settings.read_only)
+        guards = GuardChain.for_connection(self._engine, policy, settings, self._observer)
+        if not guards.policy.filters_tables:
             return guards, None
         kind = EngineKind.of(self._engine)
-        in_thread = None if kind is not EngineKind.VIRTUAL else self._list_in_thread
         probe = HostedTablesProbe(self.factory, kind is EngineKind.ASYNC_SERVER)
-        return guards, HostedTablesGate(probe, policy.visible, in_thread)
+        in_thread = None if kind is not EngineKind.VIRTUAL else self._list_in_thread
+        return guards, HostedTablesGate(probe, guards.policy.visible, in_thread)
 
     async def _list_in_thread(self, call: Any) -> list[str]:
         names: list[str] = await anyio.to_thread.run_sync(call, limiter=self._thread_limiter())
         return names
 
-    def _resolve_policy(self) -> Policy:
-        source = self.settings.policy
-        policy = ALLOW_ALL if source is None else (
-            source if isinstance(source, Policy) else source(self.principal)
-        )
-        if not isinstance(policy, Policy):
-            raise TypeError(f"Settings.policy returned {policy!r}, not a Policy")
-        if self.settings.read_only and not policy.read_only:
-            policy = dataclasses.replace(policy, read_only=True)
-        return policy
-
     def _thread_limiter(self) -> anyio.CapacityLimiter:
         if self._limiter is None:
-            if EngineKind.of(self._engine) is EngineKind.VIRTUAL:
-                # One limiter per virtual server: its backend connection is shared by all
-                # sessions and may not be thread-safe (a DuckDB connection is not).
-                self._limiter = registry.thread_limiter(
-                    id(self._engine), self.settings.virtual_server_threads
-                )
-            else:
-                self._limiter = registry.thread_limiter(0, self.settings.max_request_threads)
+            self._limiter = default_limiter(self._engine, self.settings)
         return self._limiter
 
     async def _serve(
@@ -281,7 +256,11 @@ class SessionBridge:
             )
             raise
         except Exception as exc:
-            peer_gone = self._record_failure(exc)
+            peer_code, closing = _what_ended(exc, self.name)
+            peer_gone = peer_code is not None
+            if peer_gone:
+                self.close_code = peer_code
+            self._closing = closing or self._closing
         await self._release()
         if not peer_gone:
             await self._close_transport(transport, self._closing or _Close(1001, ""))
@@ -328,26 +307,6 @@ class SessionBridge:
         abort = getattr(transport, "abort", None)
         if scope.cancelled_caught and abort is not None:
             abort()
-
-    def _record_failure(self, exc: Exception) -> bool:
-        """Choose the close code for what ended the tasks; return whether the peer is gone."""
-        leaves = _leaves(exc)
-        faults = [e for e in leaves if not isinstance(e, (ConnectionClosed, ProtocolError))]
-        for leaf in leaves:
-            if isinstance(leaf, ConnectionClosed):
-                self.close_code = leaf.code
-                if faults:
-                    logger.error("%s: internal error", self.name, exc_info=faults[0])
-                return True
-        if faults:
-            logger.error("%s: internal error; closing with 1011", self.name, exc_info=faults[0])
-            self._closing = _Close(CloseCode.INTERNAL_ERROR, "internal error")
-            return False
-        for leaf in leaves:
-            if isinstance(leaf, ProtocolError):
-                self._closing = _Close(leaf.code, leaf.reason)
-                logger.warning("%s: closing with %d: %s", self.name, leaf.code, leaf.reason)
-        return False
 
     # Inbound ------------------------------------------------------------------------------
 
@@ -502,6 +461,26 @@ class SessionBridge:
             if self._drained is None:
                 self._drained = anyio.Event()
             await self._drained.wait()
+
+
+def _what_ended(exc: Exception, name: str) -> tuple[int | None, _Close | None]:
+    """Read what ended a connection's tasks: the peer's close code if the peer is gone, or
+    the close frame to send it; faults are logged once, with the connection's ``name``."""
+    leaves = _leaves(exc)
+    faults = [e for e in leaves if not isinstance(e, (ConnectionClosed, ProtocolError))]
+    for leaf in leaves:
+        if isinstance(leaf, ConnectionClosed):
+            if faults:
+                logger.error("%s: internal error", name, exc_info=faults[0])
+            return leaf.code, None
+    if faults:
+        logger.error("%s: internal error; closing with 1011", name, exc_info=faults[0])
+        return None, _Close(CloseCode.INTERNAL_ERROR, "internal error")
+    for leaf in leaves:
+        if isinstance(leaf, ProtocolError):
+            logger.warning("%s: closing with %d: %s", name, leaf.code, leaf.reason)
+            return None, _Close(leaf.code, leaf.reason)
+    return None, None
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

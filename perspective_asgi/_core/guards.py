@@ -12,10 +12,11 @@ queued paths use it alike.
 from __future__ import annotations
 
 from .._codes import CloseCode
+from .._config import Settings
 from .._exceptions import ProtocolError
 from .._observer import SessionObserver
 from .limits import TokenBucket
-from .policy import PolicyGuard, Refused
+from .policy import Policy, PolicyGuard, Refused
 from .views import ViewGuard
 from .wire import Envelope, encode_server_error
 
@@ -44,6 +45,19 @@ class GuardChain:
         self._bucket: TokenBucket | None = None
         #: Requests refused by the policy or the view guard so far.
         self.violations = 0
+
+    @classmethod
+    def for_connection(
+        cls, engine: object, policy: Policy, settings: Settings, observer: SessionObserver
+    ) -> GuardChain:
+        """The chain of one connection to ``engine`` under ``policy`` and ``settings``."""
+        views = ViewGuard(engine, settings.max_views_per_connection)
+        rate = settings.max_requests_per_second
+        return cls(
+            views, PolicyGuard(policy, views.table_of), observer=observer,
+            max_violations=settings.max_violations,
+            rate=None if rate is None else (rate, settings.request_burst or max(1, int(rate))),
+        )
 
     @property
     def holds_state(self) -> bool:

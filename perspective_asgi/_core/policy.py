@@ -16,6 +16,7 @@ promise rejects with the reason and the connection stays usable.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple, Union
@@ -79,6 +80,21 @@ PolicySource = Union[Policy, Callable[[object], Policy]]  # noqa: UP007 - a runt
 
 #: The policy of a connection when ``Settings.policy`` is ``None``.
 ALLOW_ALL = Policy()
+
+
+def resolve_policy(
+    source: PolicySource | None, principal: object, *, read_only: bool = False
+) -> Policy:
+    """The policy of one connection: ``Settings.policy`` for its principal, made read-only
+    when ``Settings.read_only`` says so."""
+    policy = ALLOW_ALL if source is None else (
+        source if isinstance(source, Policy) else source(principal)
+    )
+    if not isinstance(policy, Policy):
+        raise TypeError(f"Settings.policy returned {policy!r}, not a Policy")
+    if read_only and not policy.read_only:
+        policy = dataclasses.replace(policy, read_only=True)
+    return policy
 
 
 class Refused(NamedTuple):

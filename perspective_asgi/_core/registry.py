@@ -11,7 +11,7 @@ import contextvars
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 import anyio.lowlevel
@@ -23,8 +23,20 @@ try:
 except ImportError:  # anyio without sniffio detects asyncio by its running loop
     sniffio = None  # type: ignore[assignment]
 
-if TYPE_CHECKING:
-    from .bridge import SessionBridge
+
+
+class Served(Protocol):
+    """What the registry needs of a connection (a ``SessionBridge``)."""
+
+    #: The event loop (or trio token) serving it.
+    loop: object
+
+    @property
+    def outbox_bytes(self) -> int: ...
+
+    def close(self, code: int = ..., reason: str = ...) -> None: ...
+
+    async def wait_closed(self) -> None: ...
 
 
 def current_loop() -> tuple[object, Callable[[Callable[[], None]], object]]:
@@ -49,18 +61,18 @@ def current_loop() -> tuple[object, Callable[[Callable[[], None]], object]]:
 # Running connections --------------------------------------------------------------------------
 
 #: Connections being served in this process, for ``close_all_connections`` and metrics.
-_running: weakref.WeakSet[SessionBridge] = weakref.WeakSet()
+_running: weakref.WeakSet[Served] = weakref.WeakSet()
 
 
-def add(bridge: SessionBridge) -> None:
+def add(bridge: Served) -> None:
     _running.add(bridge)
 
 
-def discard(bridge: SessionBridge) -> None:
+def discard(bridge: Served) -> None:
     _running.discard(bridge)
 
 
-def running() -> Iterator[SessionBridge]:
+def running() -> Iterator[Served]:
     """The connections being served in this process, on any event loop."""
     return iter(list(_running))
 

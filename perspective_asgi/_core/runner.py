@@ -29,6 +29,7 @@ import anyio
 import perspective
 
 from .._codes import CloseCode
+from .._config import Settings
 from .._exceptions import ProtocolError
 from . import registry
 
@@ -53,6 +54,15 @@ class EngineKind(enum.Enum):
         if isinstance(engine, perspective.Server):
             return cls.SERVER
         return cls.VIRTUAL
+
+
+def default_limiter(engine: object, settings: Settings) -> anyio.CapacityLimiter:
+    """The worker threads a connection to ``engine`` shares with the others on its loop."""
+    if EngineKind.of(engine) is EngineKind.VIRTUAL:
+        # One limiter per virtual server: its backend connection is shared by all sessions
+        # and may not be thread-safe (a DuckDB connection is not).
+        return registry.thread_limiter(id(engine), settings.virtual_server_threads)
+    return registry.thread_limiter(0, settings.max_request_threads)
 
 
 class Handoff(enum.Enum):
