@@ -46,15 +46,46 @@ class ConnectError(PerspectiveASGIError):
     """A connection could not be opened; ``status`` is the HTTP status of a refused handshake.
 
     ``status`` is ``None`` when no HTTP answer came at all: connection refused, unknown host,
-    timeout, or a response that was not a websocket handshake.
+    timeout, or a response that was not a websocket handshake. ``body`` is the refusal's
+    response body (``b""`` when it had none, ``None`` when there was no HTTP answer). The
+    message quotes the start of the body, so a refusal that says why ("authentication
+    required") reads differently from a bare 403.
+
+    Args:
+        url: the URL the connection was for.
+        reason: what went wrong; for an HTTP refusal, its status line's reason phrase.
+        status: the HTTP status of a refused handshake.
+        body: the HTTP refusal's response body.
     """
 
-    def __init__(self, url: str, reason: str, status: int | None = None) -> None:
-        prefix = f"HTTP {status}: " if status is not None else ""
-        super().__init__(f"cannot connect to {url}: {prefix}{reason}")
+    def __init__(
+        self, url: str, reason: str, status: int | None = None, body: bytes | None = None
+    ) -> None:
+        super().__init__(f"cannot connect to {url}: {_describe(reason, status, body)}")
         self.url = url
         self.reason = reason
         self.status = status
+        self.body = body
+
+
+#: Characters of a refusal's body quoted in a ``ConnectError`` message: enough for a reason,
+#: not a whole error page.
+BODY_EXCERPT_CHARS = 200
+
+
+def _describe(reason: str, status: int | None, body: bytes | None) -> str:
+    if status is None:
+        return reason
+    if body is None:
+        return f"HTTP {status}: {reason}"
+    status_line = f"HTTP {status} {reason}".rstrip()
+    # One line, so a command-line error stays one line, whatever the body's layout.
+    excerpt = " ".join(body.decode("utf-8", "replace").split())
+    if not excerpt:
+        return f"{status_line}, with an empty body"
+    if len(excerpt) > BODY_EXCERPT_CHARS:
+        excerpt = excerpt[: BODY_EXCERPT_CHARS - 3] + "..."
+    return f"{status_line}: {excerpt}"
 
 
 def _is_subscription(data: bytes) -> bool:

@@ -14,7 +14,9 @@ When the connection drops, every call waiting for a reply fails at once with
 ``perspective.PerspectiveError`` ("perspective-asgi: connection closed with code 1006"), later
 calls fail the same way, and ``on_update`` callbacks stop firing. A handshake that cannot be
 completed raises ``ConnectError``, whose ``status`` is the HTTP status the server refused it
-with (401, 403, ...), or ``None`` when no HTTP answer came (refused, timeout).
+with (401, 403, ...), or ``None`` when no HTTP answer came (refused, timeout), and whose
+``body`` is the refusal's response body; its message quotes the start of that body
+("HTTP 401 Unauthorized: authentication required").
 
 Reconnecting is a loop, as in ``websockets``: tables, views and subscriptions belong to one
 connection, so the body of the loop opens what it needs by name, each time::
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http
 import inspect
 import logging
 import random
@@ -182,6 +185,13 @@ def _caused_by_drop(exc: BaseException | None) -> bool:
     return isinstance(exc, perspective.PerspectiveError) and _CLOSED_MARKER in str(exc)
 
 
+def _status_phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
 async def _open(
     url: str,
     headers: HeadersSource,
@@ -207,9 +217,10 @@ async def _open(
         raise ValueError(f"not a websocket URL: {url!r} ({exc})") from exc
     except websockets.InvalidStatus as exc:
         response = exc.response
-        body = (response.body or b"").decode("utf-8", "replace").strip()
-        reason = body.splitlines()[0] if body else response.reason_phrase
-        raise ConnectError(url, reason, response.status_code) from exc
+        status = response.status_code
+        # Some servers (hypercorn) send no reason phrase.
+        reason = response.reason_phrase or _status_phrase(status)
+        raise ConnectError(url, reason, status, bytes(response.body or b"")) from exc
     except websockets.InvalidHandshake as exc:
         raise ConnectError(url, f"not a websocket handshake: {exc}") from exc
     except TimeoutError as exc:
