@@ -671,6 +671,15 @@ async def test_run_twice_raises(
     await assert_closed_once(factory)
 
 
+async def test_wait_closed_on_a_bridge_that_never_ran_returns(factory: RecordingFactory) -> None:
+    bridge = SessionBridge(factory)
+    with anyio.fail_after(WAIT):
+        await bridge.wait_closed()  # raised AttributeError before the core was rebuilt
+    bridge.close()  # nothing to close: ignored
+    assert bridge.state is SessionState.CONNECTING
+    assert factory.sessions == []
+
+
 async def test_close_from_the_application(
     frames: Frames,
     factory: RecordingFactory,
