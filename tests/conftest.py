@@ -10,7 +10,7 @@ import pytest
 
 from perspective_asgi import Settings
 
-from ._helpers import DEMO_ROWS, CountingFactory
+from ._helpers import DEMO_ROWS, CountingFactory, MemoryTransport, NewTransport
 from ._servers import ADAPTERS, serve_in_thread
 
 
@@ -51,3 +51,17 @@ def url(adapter: str, factory: CountingFactory, settings: Settings) -> Iterator[
         yield ws_url
         # Whatever the test did, every session it opened must be closed exactly once.
         factory.wait_all_closed()
+
+
+@pytest.fixture
+def new_transport() -> Iterator[NewTransport]:
+    """Make ``MemoryTransport``s inside the test's event loop; dispose of them after it."""
+    made: list[MemoryTransport] = []
+
+    def make() -> MemoryTransport:
+        made.append(MemoryTransport())
+        return made[-1]
+
+    yield make
+    for transport in made:
+        transport.dispose()

@@ -7,36 +7,31 @@ the servers run in this test process, so a guard that failed would end the test 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
 
+import anyio
 import perspective
 import pytest
 import websockets
 
 from perspective_asgi import SessionBridge
-from perspective_asgi._core.wire import SERVER_ERROR, read_envelope, read_fields
+from perspective_asgi._core.wire import read_envelope, read_fields
 
-from ._client import perspective_client
 from ._frames import key, length_delimited, varint
-from ._helpers import WAIT, MemoryTransport, NewTransport, serving
-from .conftest import CountingFactory
-from .test_protocol import run, still_serving
+from ._helpers import (
+    SCENARIO_TIMEOUT,
+    WAIT,
+    CountingFactory,
+    NewTransport,
+    connect,
+    make_view_frame,
+    reply,
+    request,
+    server_error,
+    serving,
+    still_serving,
+)
 
-Rewrite = Callable[[bytes], bytes]
-
-
-def request(msg_id: int, entity_id: str, kind: int, body: bytes = b"") -> bytes:
-    return key(1, 0) + varint(msg_id) + length_delimited(2, entity_id.encode()) + (
-        length_delimited(kind, body)
-    )
-
-
-def make_view_frame(table: str, view_id: str, *filter_fields: bytes, msg_id: int = 5) -> bytes:
-    """A ``table_make_view`` request whose config holds one filter made of ``filter_fields``."""
-    config = length_delimited(4, b"".join(filter_fields)) if filter_fields else b""
-    body = length_delimited(1, view_id.encode()) + length_delimited(2, config)
-    return request(msg_id, table, 6, body)
+pytestmark = pytest.mark.anyio
 
 
 def view_delete_frame(view_id: str, msg_id: int = 6) -> bytes:
@@ -52,30 +47,11 @@ CRASH_FRAME = b'\x08\x05\x12\x02t12\x0e\n\x02v1\x12\x08"\x06\n\x01a\x12\x01>'
 NULL = length_delimited(3, key(7, 0) + varint(0))  # Scalar { null: NULL_VALUE }
 
 
-def server_error(reply: bytes) -> tuple[int, str, str, int]:
-    """Return the msg_id, entity_id, message and status code of a ``ServerError`` response."""
-    envelope = read_envelope(reply)
-    assert envelope.kind == SERVER_ERROR, f"expected a ServerError, got kind {envelope.kind}"
-    message, status = "", 0
-    for number, value in read_fields(envelope.body):
-        if number == 1 and not isinstance(value, int):
-            message = str(value, "utf-8")
-        elif number == 2 and isinstance(value, int):
-            status = value
-    return envelope.msg_id, envelope.entity_id, message, status
-
-
 def view_id_of(frame: bytes) -> str:
     envelope = read_envelope(frame)
     assert envelope.kind == 6
     fields = read_fields(envelope.body)
     return next(str(v, "utf-8") for n, v in fields if n == 1 and not isinstance(v, int))
-
-
-async def reply(ws: websockets.ClientConnection) -> bytes:
-    data = await asyncio.wait_for(ws.recv(), WAIT)
-    assert isinstance(data, bytes)
-    return data
 
 
 def test_crash_frame_matches_the_builder() -> None:
@@ -88,27 +64,12 @@ def test_crash_frame_matches_the_builder() -> None:
 
 
 @pytest.fixture
-def new_transport() -> Iterator[NewTransport]:
-    made: list[MemoryTransport] = []
-
-    def make() -> MemoryTransport:
-        made.append(MemoryTransport())
-        return made[-1]
-
-    yield make
-    for transport in made:
-        transport.dispose()
-
-
-@pytest.fixture
 def t1_server() -> perspective.Server:
     server = perspective.Server()
     server.new_local_client().table({"a": [1, 2, 3]}, name="t1")
     return server
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_filter_without_value_is_refused_in_process(
     t1_server: perspective.Server, new_transport: NewTransport
 ) -> None:
@@ -133,8 +94,6 @@ async def test_filter_without_value_is_refused_in_process(
         assert read_envelope(await transport.next_reply()).kind == 11
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_view_ownership_in_process(
     t1_server: perspective.Server, new_transport: NewTransport
 ) -> None:
@@ -152,29 +111,19 @@ async def test_view_ownership_in_process(
         await owner.feed(make_view_frame("t1", "mine", msg_id=10))  # not twice on one either
         assert "already in use" in server_error(await owner.next_reply())[2]
     # Both sessions closed without aborting the process; the id is free again.
-    factory.wait_all_closed()
+    await factory.all_closed()
     third = new_transport()
     async with serving(SessionBridge(factory), third):
         await third.feed(make_view_frame("t1", "mine"))
         assert read_envelope(await third.next_reply()).kind == 6
-    factory.wait_all_closed()
+    await factory.all_closed()
 
 
 # Over a real websocket, every adapter ---------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def rewriting_client(
-    url: str, rewrite: Rewrite | None = None
-) -> AsyncIterator[tuple[perspective.AsyncClient, list[bytes]]]:
-    """An ``AsyncClient`` whose requests pass through ``rewrite``; yields it and what it sent."""
-    sent: list[bytes] = []
-    async with perspective_client(url, rewrite, sent) as (client, _):
-        yield client, sent
-
-
-def test_hostile_frames_get_a_server_error_and_the_server_lives(url: str) -> None:
-    async def scenario() -> None:
+async def test_hostile_frames_get_a_server_error_and_the_server_lives(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with websockets.connect(url) as hostile:
             no_value = (length_delimited(1, b"value"), length_delimited(2, b">"))
             await hostile.send(make_view_frame("demo", "v1", *no_value))
@@ -186,21 +135,27 @@ def test_hostile_frames_get_a_server_error_and_the_server_lives(url: str) -> Non
                 await hostile.send(make_view_frame("demo", "v2", *no_value))
                 assert "needs a value" in server_error(await reply(hostile))[2]
             await hostile.send(table_size_frame("demo"))
-            assert read_envelope(await asyncio.wait_for(hostile.recv(), WAIT)).kind == 8
+            assert read_envelope(await reply(hostile)).kind == 8
             await still_serving(url)
 
-    run(scenario())
+
+def last_view_id(sent: list[bytes] | None) -> str:
+    """The view id of the last ``table_make_view`` request among ``sent``."""
+    assert sent is not None
+    return next(view_id_of(f) for f in reversed(sent) if read_envelope(f).kind == 6)
 
 
-def test_views_of_other_connections_are_out_of_reach(url: str, factory: CountingFactory) -> None:
-    async def scenario() -> None:
-        async with rewriting_client(url) as (owner, owner_sent):
-            table = await owner.open_table("demo")
+async def test_views_of_other_connections_are_out_of_reach(
+    url: str, factory: CountingFactory
+) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(url, record=True) as owner:
+            table = await owner.client.open_table("demo")
             view = await table.view(filter=[["name", "is null", None]])
             assert await view.to_json() == []
             await view.delete()
             view = await table.view(filter=[["value", ">", 2.0]])
-            taken = next(view_id_of(f) for f in reversed(owner_sent) if read_envelope(f).kind == 6)
+            taken = last_view_id(owner.sent)
             updated = asyncio.Event()
             await view.on_update(lambda *_: updated.set())
 
@@ -213,15 +168,16 @@ def test_views_of_other_connections_are_out_of_reach(url: str, factory: Counting
                     return frame.replace(envelope.entity_id.encode(), taken.encode())
                 return frame
 
-            async with rewriting_client(url, steal) as (thief, _):
-                stolen = await thief.open_table("demo")
+            async with connect(url, steal) as thief:
+                stolen = await thief.client.open_table("demo")
                 with pytest.raises(Exception, match="already in use"):
                     await stolen.view()
+
             def steal_delete(frame: bytes) -> bytes:
                 return steal(frame) if read_envelope(frame).kind == 11 else frame
 
-            async with rewriting_client(url, steal_delete) as (thief, _):
-                stolen = await thief.open_table("demo")
+            async with connect(url, steal_delete) as thief:
+                stolen = await thief.client.open_table("demo")
                 own = await stolen.view()
                 # The client reports the VIEW_NOT_FOUND status as "View not found".
                 with pytest.raises(Exception, match="View not found"):
@@ -232,21 +188,19 @@ def test_views_of_other_connections_are_out_of_reach(url: str, factory: Counting
                 await asyncio.wait_for(updated.wait(), WAIT)
             await view.delete()
             await still_serving(url)
-
-    run(scenario())
-    factory.wait_all_closed()
+        await factory.all_closed()
 
 
-def test_deleting_another_connections_view_is_refused(url: str, factory: CountingFactory) -> None:
-    async def scenario() -> None:
-        async with rewriting_client(url) as (owner, owner_sent):
-            view = await (await owner.open_table("demo")).view()
-            taken = next(view_id_of(f) for f in reversed(owner_sent) if read_envelope(f).kind == 6)
+async def test_deleting_another_connections_view_is_refused(
+    url: str, factory: CountingFactory
+) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(url, record=True) as owner:
+            view = await (await owner.client.open_table("demo")).view()
+            taken = last_view_id(owner.sent)
             async with websockets.connect(url) as hostile:
                 await hostile.send(view_delete_frame(taken))
-                _, entity_id, message, status = server_error(
-                    await asyncio.wait_for(hostile.recv(), WAIT)
-                )
+                _, entity_id, message, status = server_error(await reply(hostile))
                 assert (entity_id, status) == (taken, 1)
                 assert "not a view of this connection" in message
                 await hostile.send(make_view_frame("demo", taken, msg_id=8))
@@ -254,27 +208,22 @@ def test_deleting_another_connections_view_is_refused(url: str, factory: Countin
             assert len(await view.to_json()) == 4
         # The owner's session closed cleanly (an abort would have killed this process).
         await still_serving(url)
-
-    run(scenario())
-    factory.wait_all_closed()
+        await factory.all_closed()
 
 
-def test_stock_client_sees_the_refusal_as_an_exception(url: str) -> None:
-    async def scenario() -> None:
-        async with rewriting_client(url) as (owner, owner_sent):
-            await (await owner.open_table("demo")).view()
-            taken = next(view_id_of(f) for f in reversed(owner_sent) if read_envelope(f).kind == 6)
+async def test_stock_client_sees_the_refusal_as_an_exception(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(url, record=True) as owner:
+            await (await owner.client.open_table("demo")).view()
+            taken = last_view_id(owner.sent)
 
             def collide(frame: bytes) -> bytes:
                 if read_envelope(frame).kind == 6:
                     return frame.replace(view_id_of(frame).encode(), taken.encode())
                 return frame
 
-            async with rewriting_client(url, collide) as (client, _):
-                table = await client.open_table("demo")
+            async with connect(url, collide) as conn:
+                table = await conn.client.open_table("demo")
                 with pytest.raises(Exception, match=f"view id '{taken}' is already in use"):
                     await table.view()
                 assert await table.size() == 4  # still connected and usable
-
-    run(scenario())
-
