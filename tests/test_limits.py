@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import anyio
 import pytest
 import websockets
 from prometheus_client import generate_latest
@@ -14,9 +15,18 @@ from perspective_asgi._core.limits import TokenBucket
 from perspective_asgi._core.wire import read_envelope
 from perspective_asgi.metrics import PrometheusObserver
 
-from .conftest import CountingFactory
-from .test_protocol import run, still_serving
-from .test_view_guard import WAIT, make_view_frame, reply, request, server_error
+from ._helpers import (
+    SCENARIO_TIMEOUT,
+    WAIT,
+    CountingFactory,
+    make_view_frame,
+    reply,
+    request,
+    server_error,
+    still_serving,
+)
+
+pytestmark = pytest.mark.anyio
 
 OBSERVER = PrometheusObserver()
 
@@ -38,6 +48,7 @@ async def answered(ws: websockets.ClientConnection, msg_id: int = 77) -> None:
 
 
 async def closed_with(ws: websockets.ClientConnection) -> int | None:
+    """The close code of ``ws``, which the server must close before sending anything else."""
     with pytest.raises(websockets.ConnectionClosed):
         await asyncio.wait_for(ws.recv(), WAIT)
     return ws.close_code
@@ -46,10 +57,10 @@ async def closed_with(ws: websockets.ClientConnection) -> int | None:
 @pytest.mark.parametrize(
     "settings", [Settings(max_connections=2, observer=OBSERVER)], ids=["max_connections=2"]
 )
-def test_max_connections(url: str, factory: CountingFactory) -> None:
+async def test_max_connections(url: str, factory: CountingFactory) -> None:
     before = counter("perspective_refused_connections_total", reason="max_connections")
 
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with websockets.connect(url) as first, websockets.connect(url) as second:
             await answered(first)
             await answered(second)
@@ -61,7 +72,6 @@ def test_max_connections(url: str, factory: CountingFactory) -> None:
         # Both closed: there is room again.
         await still_serving(url)
 
-    run(scenario())
     after = counter("perspective_refused_connections_total", reason="max_connections")
     assert after == before + 1
 
@@ -78,8 +88,8 @@ async def by_token(request: HandshakeRequest) -> object:
     [Settings(authenticate=by_token, max_connections_per_principal=2)],
     ids=["per_principal=2"],
 )
-def test_max_connections_per_principal(url: str) -> None:
-    async def scenario() -> None:
+async def test_max_connections_per_principal(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         alice = f"{url}?token=alice"
         async with websockets.connect(alice) as a1, websockets.connect(alice) as a2:
             await answered(a1)
@@ -91,18 +101,16 @@ def test_max_connections_per_principal(url: str) -> None:
                 await answered(bob)  # another principal is not affected
         await still_serving(alice)
 
-    run(scenario())
-
 
 @pytest.mark.parametrize(
     "settings",
     [Settings(max_views_per_connection=3, observer=OBSERVER)],
     ids=["max_views=3"],
 )
-def test_max_views_per_connection(url: str) -> None:
+async def test_max_views_per_connection(url: str) -> None:
     before = counter("perspective_refused_requests_total", reason="views")
 
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with websockets.connect(url) as ws:
             for msg_id in (1, 2, 3):
                 await ws.send(make_view_frame("demo", f"v{msg_id}", msg_id=msg_id))
@@ -118,7 +126,6 @@ def test_max_views_per_connection(url: str) -> None:
                 await other.send(make_view_frame("demo", "w1", msg_id=1))
                 assert read_envelope(await reply(other)).kind == 6
 
-    run(scenario())
     assert counter("perspective_refused_requests_total", reason="views") == before + 1
 
 
@@ -128,10 +135,10 @@ def test_max_views_per_connection(url: str) -> None:
               observer=OBSERVER)],
     ids=["burst=5"],
 )
-def test_request_rate(url: str) -> None:
+async def test_request_rate(url: str) -> None:
     before = counter("perspective_refused_requests_total", reason="rate", kind="table_size")
 
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with websockets.connect(url) as ws:
             for msg_id in range(1, 6):
                 await ws.send(request(msg_id, "demo", 8))
@@ -144,7 +151,6 @@ def test_request_rate(url: str) -> None:
             await ws.ping()
         await still_serving(url)  # the bucket is per connection
 
-    run(scenario())
     after = counter("perspective_refused_requests_total", reason="rate", kind="table_size")
     assert after == before + 20
 

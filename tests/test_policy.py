@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import anyio
 import perspective
 import pytest
 import websockets
@@ -22,11 +23,21 @@ from perspective_asgi._core.wire import (
     read_envelope,
 )
 
-from ._client import perspective_client
 from ._frames import length_delimited
-from .conftest import DEMO_ROWS, CountingFactory
-from .test_protocol import run, still_serving
-from .test_view_guard import WAIT, make_view_frame, reply, request, server_error
+from ._helpers import (
+    DEMO_ROWS,
+    SCENARIO_TIMEOUT,
+    WAIT,
+    CountingFactory,
+    connect,
+    make_view_frame,
+    reply,
+    request,
+    server_error,
+    still_serving,
+)
+
+pytestmark = pytest.mark.anyio
 
 #: alice sees "demo" and "later" (which does not exist yet); root sees everything.
 POLICIES = {
@@ -61,9 +72,12 @@ def from_view_frame(name: str, view_id: str, msg_id: int = 9) -> bytes:
     return request(msg_id, name, 27, length_delimited(1, length_delimited(6, view_id.encode())))
 
 
-def test_hidden_tables_are_not_listed_opened_or_used(url: str, factory: CountingFactory) -> None:
-    async def scenario() -> None:
-        async with perspective_client(as_user(url, "alice")) as (client, _):
+async def test_hidden_tables_are_not_listed_opened_or_used(
+    url: str, factory: CountingFactory
+) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(as_user(url, "alice")) as conn:
+            client = conn.client
             assert await client.get_hosted_table_names() == ["demo"]
             with pytest.raises(perspective.PerspectiveError):
                 await client.open_table("other")
@@ -95,20 +109,21 @@ def test_hidden_tables_are_not_listed_opened_or_used(url: str, factory: Counting
             assert (answer.msg_id, answer.kind) == (92, 8)
 
         # root sees everything, and "other" is untouched.
-        async with perspective_client(as_user(url, "root")) as (client, _):
+        async with connect(as_user(url, "root")) as conn:
+            client = conn.client
             assert sorted(await client.get_hosted_table_names()) == ["demo", "other"]
             assert await (await client.open_table("other")).size() == 3
 
-    run(scenario())
-    factory.wait_all_closed()
+    await factory.all_closed()
 
 
-def test_hosted_table_notifications_reveal_only_permitted_tables(url: str) -> None:
-    async def scenario() -> None:
+async def test_hosted_table_notifications_reveal_only_permitted_tables(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with (
-            perspective_client(as_user(url, "alice")) as (alice, _),
-            perspective_client(as_user(url, "root")) as (root, _),
+            connect(as_user(url, "alice")) as alice_conn,
+            connect(as_user(url, "root")) as root_conn,
         ):
+            alice, root = alice_conn.client, root_conn.client
             changes: list[int] = []
             changed = asyncio.Event()
 
@@ -139,11 +154,9 @@ def test_hosted_table_notifications_reveal_only_permitted_tables(url: str) -> No
             assert len(changes) == 2
             await (await root.open_table("secret2")).delete()
 
-    run(scenario())
 
-
-def test_guessed_and_reused_view_ids_reach_nothing(url: str) -> None:
-    async def scenario() -> None:
+async def test_guessed_and_reused_view_ids_reach_nothing(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with websockets.connect(as_user(url, "root")) as owner:
             # root's view on the hidden table, under an id alice could guess.
             await owner.send(make_view_frame("other", "view-1", msg_id=1))
@@ -171,11 +184,9 @@ def test_guessed_and_reused_view_ids_reach_nothing(url: str) -> None:
             assert read_envelope(await reply(owner)).kind == 12
         await still_serving(url + "?token=root")
 
-    run(scenario())
 
-
-def test_a_table_cannot_copy_another_connections_view(url: str) -> None:
-    async def scenario() -> None:
+async def test_a_table_cannot_copy_another_connections_view(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with websockets.connect(as_user(url, "root")) as owner:
             await owner.send(make_view_frame("other", "theirs", msg_id=1))
             assert read_envelope(await reply(owner)).kind == 6
@@ -196,13 +207,11 @@ def test_a_table_cannot_copy_another_connections_view(url: str) -> None:
                 await thief.send(request(6, "mine", 11))  # view_delete
                 assert read_envelope(await reply(thief)).kind == 11
 
-    run(scenario())
 
-
-def test_read_only_viewer_without_expressions(url: str, perspective_server: Any) -> None:
-    async def scenario() -> None:
-        async with perspective_client(as_user(url, "viewer")) as (client, _):
-            table = await client.open_table("demo")
+async def test_read_only_viewer_without_expressions(url: str, perspective_server: Any) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(as_user(url, "viewer")) as conn:
+            table = await conn.client.open_table("demo")
             with pytest.raises(perspective.PerspectiveError, match="expressions are not allowed"):
                 await table.view(expressions={"double": '"value" * 2'})
             with pytest.raises(perspective.PerspectiveError, match="expressions are not allowed"):
@@ -213,7 +222,6 @@ def test_read_only_viewer_without_expressions(url: str, perspective_server: Any)
             assert (await view.to_columns())["value"] == [12.0, 5.0, 7.0]
             await view.delete()
 
-    run(scenario())
     view = perspective_server.new_local_client().open_table("demo").view()
     assert view.to_columns()["value"] == DEMO_ROWS["value"]
     view.delete()
@@ -224,8 +232,8 @@ def test_read_only_viewer_without_expressions(url: str, perspective_server: Any)
     [Settings(read_only=True, max_violations=3)],
     ids=["max_violations=3"],
 )
-def test_repeated_violations_close_with_1008(url: str) -> None:
-    async def scenario() -> None:
+async def test_repeated_violations_close_with_1008(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with websockets.connect(url) as ws:
             for msg_id in range(1, 4):
                 await ws.send(request(msg_id, "demo", 28))  # table_delete: read-only refuses
@@ -239,8 +247,6 @@ def test_repeated_violations_close_with_1008(url: str) -> None:
             assert ws.close_code == 1008
             assert "too many refused requests (4)" in (ws.close_reason or "")
         await still_serving(url)
-
-    run(scenario())
 
 
 def test_policy_is_validated() -> None:
