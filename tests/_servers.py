@@ -12,9 +12,11 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, WebSocket
 
 from perspective_asgi import Settings, close_all_connections
@@ -73,6 +75,25 @@ def serve_in_thread(main: ServerMain, path: str = "/websocket") -> Iterator[str]
             raise RuntimeError("server thread did not stop within 15 s")
         if failure:
             raise failure[0]
+
+
+@contextlib.asynccontextmanager
+async def serve_in_background(main: ServerMain, path: str = "/websocket") -> AsyncIterator[str]:
+    """``serve_in_thread`` for async tests: waiting for the server to listen and to stop
+    blocks a worker thread, not the test's event loop."""
+    manager = serve_in_thread(main, path)
+    url = await anyio.to_thread.run_sync(manager.__enter__)
+    try:
+        yield url
+    except BaseException as exc:
+        # Stop the server even when the test is cancelled (a timeout): it must not outlive it.
+        with anyio.CancelScope(shield=True):
+            suppress = await anyio.to_thread.run_sync(manager.__exit__, type(exc), exc,
+                                                      exc.__traceback__)
+        if not suppress:
+            raise
+    else:
+        await anyio.to_thread.run_sync(manager.__exit__, None, None, None)
 
 
 def _wait_listening(port: int) -> None:

@@ -6,6 +6,7 @@ import logging
 import threading
 from typing import Any
 
+import anyio
 import pytest
 import websockets
 from fastapi import Depends, FastAPI, WebSocket, WebSocketException
@@ -18,10 +19,10 @@ from perspective_asgi import (
     Settings,
 )
 
-from ._client import perspective_client
-from ._servers import serve_in_thread, uvicorn_main
-from .conftest import CountingFactory
-from .test_protocol import run
+from ._helpers import DEMO_ROWS, SCENARIO_TIMEOUT, CountingFactory, connect
+from ._servers import serve_in_background, uvicorn_main
+
+pytestmark = pytest.mark.anyio
 
 USERS = {"s3cret": "alice", "other": "bob"}
 
@@ -72,9 +73,9 @@ def observer_of(settings: Settings) -> AuthObserver:
 
 
 async def still_serving_with_token(url: str) -> None:
-    async with perspective_client(f"{url}?token=s3cret") as (client, _):
-        table = await client.open_table("demo")
-        assert await table.size() == 4  # the rows of conftest.DEMO_ROWS
+    async with connect(f"{url}?token=s3cret") as conn:
+        table = await conn.client.open_table("demo")
+        assert await table.size() == len(DEMO_ROWS["id"])
 
 
 async def refused_status(url: str, **options: Any) -> int:
@@ -84,15 +85,14 @@ async def refused_status(url: str, **options: Any) -> int:
     return refused.value.response.status_code
 
 
-def test_bearer_header_is_accepted_and_the_principal_reaches_the_bridge(
+async def test_bearer_header_is_accepted_and_the_principal_reaches_the_bridge(
     url: str, settings: Settings
 ) -> None:
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         headers = {"Authorization": "Bearer s3cret"}
-        async with perspective_client(url, additional_headers=headers) as (client, _):
-            assert "demo" in await client.get_hosted_table_names()
+        async with connect(url, additional_headers=headers) as conn:
+            assert "demo" in await conn.client.get_hosted_table_names()
 
-    run(scenario())
     assert observer_of(settings).principals == ["alice"]
     assert observer_of(settings).refusals == []
     hook = settings.authenticate
@@ -111,48 +111,44 @@ def test_bearer_header_is_accepted_and_the_principal_reaches_the_bridge(
     ],
     ids=["missing", "wrong", "forbidden"],
 )
-def test_bad_or_missing_token_is_refused_before_accept(
+async def test_bad_or_missing_token_is_refused_before_accept(
     url: str, factory: CountingFactory, settings: Settings, options: dict[str, Any], status: int
 ) -> None:
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         assert await refused_status(url, **options) == status
         assert factory.opened == 0
         await still_serving_with_token(url)
 
-    run(scenario())
     assert observer_of(settings).refusals == ["auth"]
     assert observer_of(settings).principals == ["alice"]
 
 
-def test_query_token_is_accepted(url: str, settings: Settings) -> None:
-    async def scenario() -> None:
-        async with perspective_client(f"{url}?token=other&token=s3cret") as (client, _):
-            assert "demo" in await client.get_hosted_table_names()
+async def test_query_token_is_accepted(url: str, settings: Settings) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(f"{url}?token=other&token=s3cret") as conn:
+            assert "demo" in await conn.client.get_hosted_table_names()
 
-    run(scenario())
     assert observer_of(settings).principals == ["bob"]
 
 
-def test_cookie_is_accepted(url: str, settings: Settings) -> None:
-    async def scenario() -> None:
+async def test_cookie_is_accepted(url: str, settings: Settings) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         headers = {"Cookie": 'theme=dark; token="other"'}
-        async with perspective_client(url, additional_headers=headers) as (client, _):
-            assert "demo" in await client.get_hosted_table_names()
+        async with connect(url, additional_headers=headers) as conn:
+            assert "demo" in await conn.client.get_hosted_table_names()
 
-    run(scenario())
     assert observer_of(settings).principals == ["bob"]
 
 
-def test_a_failing_hook_refuses_and_logs_one_error(
+async def test_a_failing_hook_refuses_and_logs_one_error(
     url: str, factory: CountingFactory, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def scenario() -> None:
+    with caplog.at_level(logging.ERROR, logger="perspective_asgi"), anyio.fail_after(
+        SCENARIO_TIMEOUT
+    ):
         assert await refused_status(url, additional_headers={"Cookie": "token=explode"}) == 500
         assert factory.opened == 0
         await still_serving_with_token(url)
-
-    with caplog.at_level(logging.ERROR, logger="perspective_asgi"):
-        run(scenario())
     errors = [r for r in caplog.records if r.name == "perspective_asgi"]
     assert len(errors) == 1
     assert errors[0].levelno == logging.ERROR
@@ -160,13 +156,12 @@ def test_a_failing_hook_refuses_and_logs_one_error(
     assert observer_of(settings).refusals == ["auth"]
 
 
-def test_the_origin_check_runs_before_the_hook(url: str, settings: Settings) -> None:
-    async def scenario() -> None:
+async def test_the_origin_check_runs_before_the_hook(url: str, settings: Settings) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         headers = {"Authorization": "Bearer s3cret"}
         status = await refused_status(url, origin="http://evil.example", additional_headers=headers)
         assert status == 403
 
-    run(scenario())
     hook = settings.authenticate
     assert isinstance(hook, TokenHook) and hook.requests == []
     assert observer_of(settings).refusals == ["origin"]
@@ -186,7 +181,7 @@ async def never_called(request: HandshakeRequest) -> object | None:
     raise AssertionError("settings.authenticate ran although the endpoint gave a principal")
 
 
-def test_fastapi_dependency_authenticates_and_passes_the_principal(
+async def test_fastapi_dependency_authenticates_and_passes_the_principal(
     factory: CountingFactory,
 ) -> None:
     from perspective_asgi.adapters.starlette import PerspectiveStarletteHandler
@@ -202,15 +197,13 @@ def test_fastapi_dependency_authenticates_and_passes_the_principal(
         )
         await handler.run()
 
-    async def scenario(url: str) -> None:
-        assert await refused_status(f"{url}?token=wrong") == 403
-        assert await refused_status(url) == 403
-        assert factory.opened == 0
-        await still_serving_with_token(url)
-
-    with serve_in_thread(uvicorn_main(app)) as url:
-        run(scenario(url))
-        factory.wait_all_closed()
+    async with serve_in_background(uvicorn_main(app)) as url:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            assert await refused_status(f"{url}?token=wrong") == 403
+            assert await refused_status(url) == 403
+            assert factory.opened == 0
+            await still_serving_with_token(url)
+        await factory.all_closed()
     assert observer.principals == ["alice"]
 
 
