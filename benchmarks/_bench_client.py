@@ -1,7 +1,14 @@
 """Load generators of ``run.py``: stock ``perspective.AsyncClient`` s over ``websockets``.
 
 The coroutines here run in the parent (rtt, big, stall, slow reader) or in load-generator
-processes started with ``loadgen`` (fan-out, idle, churn), which report one dict up a pipe.
+processes started with ``loadgen`` (fan-out, idle, churn), which keep their connections between
+rounds and talk to the parent over a pipe:
+
+- fan-out: connect and subscribe, send "ready"; then for each ``(first, last)`` window the
+  parent sends, reply with what arrived of those batches; "done" closes everything.
+- idle: connect each batch of ``params["batches"]``, send "ready" after each; "next" connects
+  the next batch, "done" replies with how many are still open and closes everything.
+- churn: for each cycle count the parent sends, run that many cycles and reply; "done" ends.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,21 +116,44 @@ def rtt_local(requests: int) -> dict[str, Any]:
     return {"p50_us": statistics.median(samples), "p99_us": pct(samples, 0.99)}
 
 
-async def big(url: str, raw_url: str, transfers: int, deflate: bool) -> dict[str, Any]:
+async def big(url: str, raw_url: str, transfers: int, deflate: bool,
+              probe: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """``view.to_arrow()`` of the "big" table, and the same bytes from the stack's raw route.
+
+    With ``probe`` (the server's control call), each ``to_arrow`` is bracketed by a trim and
+    peak reset before and the peak RSS after: ``rss_rise_mb`` is how far the server's RSS rose
+    above its live memory while it served the reply.
+    """
+    loop = asyncio.get_running_loop()
+
+    async def control(*command: Any) -> Any:
+        assert probe is not None
+        return await loop.run_in_executor(None, probe, *command)
+
     client = await Client.connect(url, deflate)
     view = await (await client.perspective.open_table("big")).view()
     raw = await websockets.connect(
         raw_url, max_size=None, compression="deflate" if deflate else None,
         open_timeout=OPEN_TIMEOUT, ping_interval=None,
     )
-    size = len(await view.to_arrow())  # warm-up
+    rises: list[float] = []
+
+    async def to_arrow() -> tuple[bytes, float]:
+        base = await control("trim") if probe is not None else 0.0
+        start = time.perf_counter()
+        arrow = await view.to_arrow()
+        wall = time.perf_counter() - start
+        if probe is not None:
+            rises.append((await control("stats"))["hwm_mb"] - base)
+        return arrow, wall
+
+    size = len((await to_arrow())[0])  # warm-up
     await raw.send(b"x")
     await raw.recv()
     ours, ceiling = [], []
     for _ in range(transfers):
-        start = time.perf_counter()
-        arrow = await view.to_arrow()
-        ours.append(time.perf_counter() - start)
+        arrow, wall = await to_arrow()
+        ours.append(wall)
         start = time.perf_counter()
         await raw.send(b"x")
         data = await raw.recv()
@@ -131,11 +162,15 @@ async def big(url: str, raw_url: str, transfers: int, deflate: bool) -> dict[str
     await raw.close()
     await view.delete()
     await client.close()
-    return {
+    result: dict[str, Any] = {
         "bytes": size,
         "mb_s": size / 1e6 / statistics.median(ours),
         "raw_mb_s": size / 1e6 / statistics.median(ceiling),
     }
+    if rises:
+        result["rss_rise_mb"] = statistics.median(rises[1:] or rises)
+        result["rss_rise_warmup_mb"] = rises[0]
+    return result
 
 
 def big_local(path: str, transfers: int) -> dict[str, Any]:
@@ -263,22 +298,33 @@ async def _fanout(url: str, count: int, params: dict[str, Any], pipe: Any) -> No
 
     views = await asyncio.gather(*(subscribe(i, c) for i, c in enumerate(clients)))
     pipe.send("ready")
-    first, last = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
-    sent = last - first + 1
-    delivered = [len({s for s in got if first <= s <= last}) for got in seen]
-    closed = sum(1 for c in clients if c.close_code is not None)
-    pipe.send({
-        "delivered": sum(delivered), "expected": sent * len(clients),
-        "latencies": random.sample(latencies, min(len(latencies), 20000)),
-        "messages": messages[0], "closed": closed,
-        "loadgen_cpu_s": time.process_time(),
-    })
+    loop = asyncio.get_running_loop()
+    cpu_mark = time.process_time()
+    while True:
+        window = await loop.run_in_executor(None, pipe.recv)
+        if window == "done":
+            break
+        first, last = window
+        sent = last - first + 1
+        delivered = [len({s for s in got if first <= s <= last}) for got in seen]
+        closed = sum(1 for c in clients if c.close_code is not None)
+        pipe.send({
+            "delivered": sum(delivered), "expected": sent * len(clients),
+            "latencies": random.sample(latencies, min(len(latencies), 20000)),
+            "messages": messages[0], "closed": closed,
+            "loadgen_cpu_s": time.process_time() - cpu_mark,
+        })
+        # Sequence numbers keep rising across windows, and ``seen`` is kept, so a late
+        # arrival from an earlier window adds no latency sample to the next one.
+        latencies.clear()
+        messages[0] = 0
+        cpu_mark = time.process_time()
     del views
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
 async def _idle(url: str, count: int, params: dict[str, Any], pipe: Any) -> None:
-    clients = await _connect_many(url, count)
+    clients: list[Client] = []
     # One request each, so every connection has a live Perspective session.
     gate = asyncio.Semaphore(50)
 
@@ -286,20 +332,34 @@ async def _idle(url: str, count: int, params: dict[str, Any], pipe: Any) -> None
         async with gate:
             await (await client.perspective.open_table("small")).size()
 
-    await asyncio.gather(*(touch(c) for c in clients))
-    pipe.send("ready")
-    await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+    loop = asyncio.get_running_loop()
+    for size in params.get("batches", [count]):
+        batch = await _connect_many(url, size)
+        await asyncio.gather(*(touch(c) for c in batch))
+        clients.extend(batch)
+        pipe.send("ready")
+        if await loop.run_in_executor(None, pipe.recv) == "done":
+            break
     pipe.send({"open": sum(1 for c in clients if c.close_code is None)})
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
 async def _churn(url: str, count: int, params: dict[str, Any], pipe: Any) -> None:
     concurrency = params.get("concurrency", 20)
+    loop = asyncio.get_running_loop()
+    while True:
+        cycles = await loop.run_in_executor(None, pipe.recv)
+        if cycles == "done":
+            return
+        pipe.send(await _churn_round(url, cycles, concurrency))
+
+
+async def _churn_round(url: str, cycles: int, concurrency: int) -> dict[str, Any]:
     done = [0]
     failures = [0]
 
-    async def worker(cycles: int) -> None:
-        for _ in range(cycles):
+    async def worker(n: int) -> None:
+        for _ in range(n):
             try:
                 client = await Client.connect(url)
                 table = await client.perspective.open_table("small")
@@ -311,8 +371,12 @@ async def _churn(url: str, count: int, params: dict[str, Any], pipe: Any) -> Non
                 failures[0] += 1
             await asyncio.sleep(0)
 
-    per = count // concurrency
+    workers = max(1, min(concurrency, cycles))
+    shares = [cycles // workers + (1 if i < cycles % workers else 0) for i in range(workers)]
+    cpu = time.process_time()
     start = time.perf_counter()
-    await asyncio.gather(*(worker(per) for _ in range(concurrency)))
-    pipe.send({"cycles": done[0], "failures": failures[0],
-               "seconds": time.perf_counter() - start, "pid": os.getpid()})
+    await asyncio.gather(*(worker(n) for n in shares))
+    seconds = time.perf_counter() - start
+    return {"cycles": done[0], "failures": failures[0], "seconds": seconds,
+            # Near 1.0 the load generator, not the server, sets the rate.
+            "loadgen_cpu": (time.process_time() - cpu) / seconds, "pid": os.getpid()}

@@ -1,7 +1,8 @@
 """The server process of ``run.py``: one web stack, serving our adapter or Perspective's reference.
 
 ``serve(config, pipe)`` binds 127.0.0.1:0, sends the port up ``pipe`` and then answers control
-commands on it from a thread (RSS, CPU, open sessions, feed start/stop) until terminated.
+commands on it from a thread (RSS and its peak, CPU, open sessions, feed start/stop) until
+terminated. With ``config["cpus"]`` every thread of the process is pinned to those CPUs first.
 Routes on every stack:
 
 - ``/ws``: Perspective, through ``config["impl"]``: ``ours`` (perspective_asgi), ``ref``
@@ -15,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import os
 import resource
@@ -43,12 +47,52 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def pin_process(cpus: set[int]) -> set[int]:
+    """Pin every thread of this process to ``cpus``; threads started later inherit it.
+
+    ``os.sched_setaffinity(0, ...)`` pins only the calling thread, and the engine starts
+    threads of its own when ``perspective`` is imported, so each task is pinned by its id.
+    """
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            os.sched_setaffinity(int(task), cpus)
+    return process_cpus()
+
+
+def process_cpus() -> set[int]:
+    """The union of the CPUs this process's threads may run on."""
+    cpus: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            cpus |= os.sched_getaffinity(int(task))
+    return cpus
+
+
+_LIBC = ctypes.util.find_library("c")
+_MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None
+
+
+def trim_and_reset_peak() -> float:
+    """Return freed memory to the OS, reset the peak RSS to the current RSS and return it (MiB).
+
+    The allocator keeps freed blocks (a 36 MB reply raises glibc's mmap threshold, so the next
+    one comes from a heap that is never shrunk), so without the trim the second transfer's
+    rise would measure the allocator, not the server. ``clear_refs`` value 5 resets VmHWM.
+    """
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mb(os.getpid())
 
 
 def nodelay_report() -> dict[str, int]:
@@ -128,6 +172,7 @@ class Feed:
         self.first = 0
         self.running = False
         self.late = 0
+        self.generation = 0
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -143,9 +188,13 @@ class Feed:
             data[f"v{i}"] = [float(base + j + i) for j in range(self.rows)]
         return data
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> int:
+    def start(self, loop: asyncio.AbstractEventLoop, mode: str | None = None) -> int:
+        """Start feeding (``mode`` overrides the configured one for this window)."""
+        if mode is not None:
+            self.mode = mode
         self.first = self.seq + 1
         self.running = True
+        self.generation += 1
         if self.mode == "thread":
             self._thread = threading.Thread(target=self._run_thread, daemon=True)
             self._thread.start()
@@ -179,7 +228,8 @@ class Feed:
     async def _run_loop(self) -> None:
         period = 1 / self.hz
         next_at = time.perf_counter()
-        while self.running:
+        generation = self.generation
+        while self.running and generation == self.generation:
             self.table.update(self.batch())
             next_at += period
             delay = next_at - time.perf_counter()
@@ -385,6 +435,8 @@ class _FirstOverflow(logging.Handler):
 
 def serve(config: dict[str, Any], pipe: Any) -> None:
     raise_nofile()
+    if config.get("cpus"):
+        pin_process(set(config["cpus"]))
     # The reference handlers print a traceback per failed send task; keep them in a file.
     log = os.open(config.get("log", "/tmp/perspective_asgi_bench_server.log"),
                   os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -435,14 +487,17 @@ def serve(config: dict[str, Any], pipe: Any) -> None:
         pipe.send(sock.getsockname()[1])
         while True:
             try:
-                command, *_args = pipe.recv()
+                command, *args = pipe.recv()
             except EOFError:
                 os._exit(0)
             reply: Any = None
             if command == "stats":
                 reply = {
                     "rss_mb": rss_mb(os.getpid()),
+                    "hwm_mb": rss_mb(os.getpid(), "VmHWM"),
                     "cpu_s": cpu_seconds(os.getpid()),
+                    "cpus": sorted(process_cpus()),
+                    "send_queue_bytes": settings.max_send_queue_bytes,
                     "sessions_wrapper": counting.open if counting is not None else None,
                     "sessions_observer": opened.open if opened is not None else None,
                     "close_codes": dict(opened.codes) if opened is not None else None,
@@ -452,16 +507,16 @@ def serve(config: dict[str, Any], pipe: Any) -> None:
                     "tcp": nodelay_report(),
                 }
             elif command == "feed_start" and feed is not None:
-                reply = feed.start(loop_holder["loop"])
+                reply = feed.start(loop_holder["loop"], *args)
             elif command == "feed_stop" and feed is not None:
                 reply = {"last": feed.stop(), "late": feed.late,
                          "coalesced": None if coalescer is None else
                          [coalescer.requests, coalescer.polls]}
             elif command == "gc":
-                import gc
-
                 gc.collect()
                 reply = True
+            elif command == "trim":
+                reply = trim_and_reset_peak()
             pipe.send(reply)
 
     async def main() -> None:
