@@ -9,15 +9,16 @@ import socket
 import time
 from urllib.parse import urlsplit
 
+import anyio
 import pytest
 import websockets
 
 from perspective_asgi import Settings
 
+from ._helpers import SCENARIO_TIMEOUT, WAIT, CountingFactory, make_view_frame, reply, request
 from ._servers import ADAPTERS, serve_in_thread
-from .conftest import CountingFactory
-from .test_protocol import run
-from .test_view_guard import WAIT, make_view_frame, reply, request
+
+pytestmark = pytest.mark.anyio
 
 
 def open_silent_peer(url: str) -> socket.socket:
@@ -56,9 +57,7 @@ def test_a_peer_that_stops_answering_pings_is_dropped(
     with serve_in_thread(ADAPTERS[adapter](factory, settings)) as url:
         peer = open_silent_peer(url)
         try:
-            started = time.monotonic()
-            while factory.opened == 0 and time.monotonic() - started < WAIT:
-                time.sleep(0.01)
+            assert factory.wait_opened(1), "the silent peer got no session"
             # Pings every 0.3 s, no pong within 0.3 s (aiohttp: half the interval): closed.
             # Tornado then waits 5 s more for the peer's closing handshake, its own rule.
             factory.wait_all_closed(timeout=8.0 if adapter == "tornado" else 3.0)
@@ -84,8 +83,8 @@ def settings() -> Settings:
     return Settings(idle_timeout=0.5)
 
 
-def test_idle_connections_are_closed_unless_they_hold_views(url: str) -> None:
-    async def scenario() -> None:
+async def test_idle_connections_are_closed_unless_they_hold_views(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with websockets.connect(url) as silent:
             started = time.monotonic()
             with pytest.raises(websockets.ConnectionClosed):
@@ -96,7 +95,9 @@ def test_idle_connections_are_closed_unless_they_hold_views(url: str) -> None:
         async with websockets.connect(url) as watcher:
             await watcher.send(make_view_frame("demo", "watched", msg_id=1))
             assert (await reply(watcher))
-            await asyncio.sleep(1.5)  # three idle periods: a view holder stays
+            # Idle on purpose, the subject of the test: three idle periods, and a view
+            # holder stays.
+            await asyncio.sleep(1.5)
             await watcher.send(request(2, "watched", 12))  # view_dimensions
             assert (await reply(watcher))
             await watcher.send(request(3, "watched", 11))  # view_delete: nothing held now
@@ -104,8 +105,6 @@ def test_idle_connections_are_closed_unless_they_hold_views(url: str) -> None:
             with pytest.raises(websockets.ConnectionClosed):
                 await asyncio.wait_for(watcher.recv(), WAIT)
             assert watcher.close_code == 1000
-
-    run(scenario())
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import perspective
@@ -31,17 +30,6 @@ from ._helpers import (
 )
 
 pytestmark = pytest.mark.anyio
-
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-    # TODO: remove once tests/test_shutdown.py (being rewritten by its owner) stops importing
-    # it; every test in this suite is an ``async def`` test.
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
 
 MiB = 1024 * 1024
 #: The bound of the scenarios that move tens of megabytes or hundreds of connections.
