@@ -19,7 +19,7 @@ from perspective_asgi.edge import create_edge_app
 from perspective_asgi.metrics import PrometheusObserver
 
 from ._helpers import connect
-from ._servers import serve_in_thread, uvicorn_main
+from ._servers import serve_in_background, uvicorn_main
 
 pytestmark = pytest.mark.anyio
 
@@ -78,7 +78,7 @@ class Served:
 @contextlib.asynccontextmanager
 async def serving(app: Starlette) -> AsyncIterator[Served]:
     # Lifespan off: no ticker thread or replica; the websocket route serves all the same.
-    with serve_in_thread(uvicorn_main(app)) as ws_url:
+    async with serve_in_background(uvicorn_main(app)) as ws_url:
         yield Served(ws_url)
 
 

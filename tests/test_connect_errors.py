@@ -13,7 +13,7 @@ from starlette.routing import Mount
 from perspective_asgi import HandshakeRequest, PerspectiveASGIApp, Settings
 from perspective_asgi.client import ConnectError, open_connection
 
-from ._servers import ADAPTERS, serve_in_thread, uvicorn_main
+from ._servers import ADAPTERS, serve_in_background, uvicorn_main
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +38,7 @@ async def nobody(request: HandshakeRequest) -> None:
 @pytest.mark.parametrize("adapter", ["asgi-uvicorn", "starlette", "aiohttp"])
 async def test_an_authentication_refusal_says_why(adapter: str) -> None:
     settings = Settings(authenticate=nobody)
-    with serve_in_thread(ADAPTERS[adapter](perspective.Server(), settings)) as url:
+    async with serve_in_background(ADAPTERS[adapter](perspective.Server(), settings)) as url:
         error = await refused(url)
     assert error.status == 401
     assert str(error) == f"cannot connect to {url}: HTTP 401 Unauthorized: authentication required"
@@ -48,7 +48,7 @@ async def test_an_authentication_refusal_says_why(adapter: str) -> None:
 
 async def test_an_origin_refusal_says_why() -> None:
     settings = Settings(allowed_origins={"https://dash.example.com"})
-    with serve_in_thread(ADAPTERS["aiohttp"](perspective.Server(), settings)) as url:
+    async with serve_in_background(ADAPTERS["aiohttp"](perspective.Server(), settings)) as url:
         error = await refused(url, headers={"Origin": "https://evil.example.com"})
     assert error.status == 403
     assert str(error).endswith(": HTTP 403 Forbidden: origin not allowed")
@@ -58,7 +58,7 @@ async def test_an_origin_refusal_says_why() -> None:
 async def test_a_refusal_without_a_body_says_so() -> None:
     # No websocket route answers /websocket: Starlette refuses before any app sees it.
     app = Starlette(routes=[Mount("/websocket", PerspectiveASGIApp(perspective.Server()))])
-    with serve_in_thread(uvicorn_main(app)) as url:
+    async with serve_in_background(uvicorn_main(app)) as url:
         error = await refused(url)
     assert error.status == 403
     assert str(error) == f"cannot connect to {url}: HTTP 403 Forbidden, with an empty body"
@@ -79,7 +79,7 @@ async def refuse_at_length(scope: Any, receive: Any, send: Any) -> None:
 
 
 async def test_a_long_body_is_quoted_in_one_short_line() -> None:
-    with serve_in_thread(uvicorn_main(refuse_at_length)) as url:
+    async with serve_in_background(uvicorn_main(refuse_at_length)) as url:
         error = await refused(url)
     assert error.status == 503
     message = str(error)

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from perspective_asgi import PerspectiveASGIApp
 
 from ._helpers import DEMO_ROWS, connect
-from ._servers import serve_in_thread, uvicorn_main
+from ._servers import serve_in_background, uvicorn_main
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +60,7 @@ async def assert_serves(url: str) -> None:
 async def test_the_readme_snippet_serves_at_the_url_it_names(server: perspective.Server) -> None:
     app, path = readme_app(server)
     assert path == "/websocket"
-    with serve_in_thread(uvicorn_main(app), path=path) as url:
+    async with serve_in_background(uvicorn_main(app), path=path) as url:
         await assert_serves(url)
 
 
@@ -70,7 +70,7 @@ async def test_a_mount_serves_below_its_path_only(server: perspective.Server) ->
     assert "works only for clients that connect to `ws://host/websocket/`" in readme
     app = Starlette()
     app.mount("/websocket", PerspectiveASGIApp(server))
-    with serve_in_thread(uvicorn_main(app), path="/websocket/") as url:
+    async with serve_in_background(uvicorn_main(app), path="/websocket/") as url:
         await assert_serves(url)
         with pytest.raises(websockets.InvalidStatus) as refused:
             async with connect(url.removesuffix("/")):
