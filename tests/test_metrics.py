@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
+import anyio
 import pytest
 import websockets
 from prometheus_client import generate_latest
@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from perspective_asgi import Settings
 from perspective_asgi.metrics import PrometheusObserver
 
-from ._client import perspective_client
-from .conftest import CountingFactory
+from ._helpers import SCENARIO_TIMEOUT, CountingFactory, connect
+
+pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
@@ -43,12 +44,12 @@ def samples(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float],
             yield dict(labels), value
 
 
-def test_metrics_after_traffic(
+async def test_metrics_after_traffic(
     url: str, observer: PrometheusObserver, factory: CountingFactory
 ) -> None:
-    async def scenario() -> None:
-        async with perspective_client(url) as (client, _):
-            table = await client.open_table("demo")
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(url) as conn:
+            table = await conn.client.open_table("demo")
             for _ in range(3):
                 assert await table.size() == 4
             view = await table.view(group_by=["group"])
@@ -62,8 +63,7 @@ def test_metrics_after_traffic(
             await ws.send("text")
             await ws.wait_closed()
 
-    asyncio.run(asyncio.wait_for(scenario(), 60))
-    factory.wait_all_closed()
+    await factory.all_closed()
     scraped = scrape(observer)
     assert scraped[("perspective_connections", ())] == 0
     received = scraped[("perspective_messages_total", (("direction", "in"),))]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
+import anyio
 import perspective
 import pytest
 import websockets
@@ -13,8 +13,9 @@ from perspective_asgi import Settings
 from perspective_asgi._core.policy import MUTATING_REQUEST_KINDS
 from perspective_asgi._core.wire import SERVER_ERROR, read_envelope, read_fields
 
-from ._client import perspective_client
-from .conftest import DEMO_ROWS
+from ._helpers import DEMO_ROWS, SCENARIO_TIMEOUT, connect, reply, request
+
+pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
@@ -31,11 +32,12 @@ def snapshot(server: perspective.Server) -> tuple[list[str], bytes]:
         view.delete()
 
 
-def test_stock_client_cannot_change_anything(url: str, perspective_server: Any) -> None:
+async def test_stock_client_cannot_change_anything(url: str, perspective_server: Any) -> None:
     before = snapshot(perspective_server)
 
-    async def scenario() -> None:
-        async with perspective_client(url) as (client, _):
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(url) as conn:
+            client = conn.client
             table = await client.open_table("demo")
             row = {"id": 9, "name": "intruder", "group": "z", "value": 0.0}
             attempts = {
@@ -55,35 +57,24 @@ def test_stock_client_cannot_change_anything(url: str, perspective_server: Any) 
             assert (await view.to_columns())["value"] == [12.0, 5.0, 7.0]
             await view.delete()
 
-    asyncio.run(asyncio.wait_for(scenario(), 60))
     assert snapshot(perspective_server) == before
 
 
-def test_hand_built_mutations_are_refused(url: str, perspective_server: Any) -> None:
+async def test_hand_built_mutations_are_refused(url: str, perspective_server: Any) -> None:
     before = snapshot(perspective_server)
 
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with websockets.connect(url) as ws:
             for msg_id, kind in enumerate(sorted(MUTATING_REQUEST_KINDS), start=1):
                 # msg_id, entity_id "demo", and the request kind with an empty body.
-                frame = bytes([0x08, msg_id, 0x12, 4]) + b"demo"
-                frame += _key(kind) + b"\x00"
-                await ws.send(frame)
-                reply = read_envelope(await asyncio.wait_for(ws.recv(), 10))
-                assert (reply.msg_id, reply.entity_id, reply.kind) == (msg_id, "demo", SERVER_ERROR)
-                message = dict(read_fields(reply.body))[1]
+                await ws.send(request(msg_id, "demo", kind))
+                answer = read_envelope(await reply(ws))
+                assert (answer.msg_id, answer.entity_id, answer.kind) == (
+                    msg_id, "demo", SERVER_ERROR
+                )
+                message = dict(read_fields(answer.body))[1]
                 assert isinstance(message, memoryview)
                 assert b"read-only" in bytes(message)
 
-    asyncio.run(asyncio.wait_for(scenario(), 60))
     assert snapshot(perspective_server) == before
 
-
-def _key(field: int) -> bytes:
-    key = field << 3 | 2
-    out = bytearray()
-    while key > 0x7F:
-        out.append(key & 0x7F | 0x80)
-        key >>= 7
-    out.append(key)
-    return bytes(out)
