@@ -12,18 +12,19 @@ them, so this run also proves those guards.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterator
 
+import anyio
 import pytest
 
 from perspective_asgi import CloseCode, Settings
 
-from ._client import perspective_client
 from ._fuzz import FrameSource, FuzzStats, fuzz, kind_of, seed_frames
+from ._helpers import CountingFactory, connect
 from ._servers import ADAPTERS, serve_in_thread
-from .conftest import CountingFactory
+
+pytestmark = pytest.mark.anyio
 
 #: What the server may close a fuzzing connection with. 1007 is its answer to a frame that is
 #: not a well-formed request. 1003 (text) and 1009 (too big) cannot be provoked by these small
@@ -52,21 +53,26 @@ def quiet_transport_logs(caplog: pytest.LogCaptureFixture) -> None:
         caplog.set_level(logging.WARNING, logger=name)
 
 
-def run_fuzz(url: str, source: FrameSource, frames: int, batch: int) -> FuzzStats:
-    async def bounded() -> FuzzStats:
-        return await asyncio.wait_for(fuzz(url, source, frames, batch=batch), 60)
+#: The bound of one fuzzing run of a thousand frames, and of the check that follows it.
+FUZZ_TIMEOUT = 60
+CHECK_TIMEOUT = 30
 
-    return asyncio.run(bounded())
+
+async def run_fuzz(url: str, source: FrameSource, frames: int, batch: int) -> FuzzStats:
+    with anyio.fail_after(FUZZ_TIMEOUT):
+        return await fuzz(url, source, frames, batch=batch)
 
 
 async def answers_correctly(url: str) -> None:
     """A fresh client gets correct answers: the server survived the fuzzing."""
-    async with perspective_client(url) as (client, _):
-        table = await client.table({"x": [1, 2, 3], "y": ["a", "b", "c"]}, name="after-fuzz")
-        view = await table.view(filter=[["x", ">", 1]])
-        assert await view.to_columns() == {"x": [2, 3], "y": ["b", "c"]}
-        await view.delete()
-        await table.delete()
+    with anyio.fail_after(CHECK_TIMEOUT):
+        async with connect(url) as conn:
+            rows = {"x": [1, 2, 3], "y": ["a", "b", "c"]}
+            table = await conn.client.table(rows, name="after-fuzz")
+            view = await table.view(filter=[["x", ">", 1]])
+            assert await view.to_columns() == {"x": [2, 3], "y": ["b", "c"]}
+            await view.delete()
+            await table.delete()
 
 
 def check(stats: FuzzStats, frames: int, caplog: pytest.LogCaptureFixture) -> None:
@@ -83,15 +89,17 @@ def check(stats: FuzzStats, frames: int, caplog: pytest.LogCaptureFixture) -> No
     assert not faults, faults[0].getMessage()
 
 
-def test_fuzzed_frames_are_refused_or_answered(
+async def test_fuzzed_frames_are_refused_or_answered(
     url: str, seeds: list[bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
     # One frame at a time, each followed by a probe: the server is never asked to close a
     # connection while a request of it waits for a worker thread (see the test below).
     frames = 1000
-    stats = run_fuzz(url, FrameSource(20260101, seeds, allow_crashing=True), frames, batch=1)
+    stats = await run_fuzz(
+        url, FrameSource(20260101, seeds, allow_crashing=True), frames, batch=1
+    )
     check(stats, frames, caplog)
-    asyncio.run(asyncio.wait_for(answers_correctly(url), 30))
+    await answers_correctly(url)
     # The ``url`` fixture then checks that every session opened was closed.
 
 
@@ -101,7 +109,7 @@ def pipelined_url(factory: CountingFactory) -> Iterator[str]:
         yield ws_url
 
 
-def test_pipelined_fuzzed_frames_leave_no_session_open(
+async def test_pipelined_fuzzed_frames_leave_no_session_open(
     pipelined_url: str,
     factory: CountingFactory,
     seeds: list[bytes],
@@ -110,14 +118,14 @@ def test_pipelined_fuzzed_frames_leave_no_session_open(
     # Four frames before each probe: a bad frame often arrives while an earlier good one is
     # queued for a worker thread, so the connection is cancelled with a request in flight.
     frames = 1000
-    stats = run_fuzz(
+    stats = await run_fuzz(
         pipelined_url, FrameSource(20260102, seeds, allow_crashing=True), frames, batch=4
     )
     check(stats, frames, caplog)
-    asyncio.run(asyncio.wait_for(answers_correctly(pipelined_url), 30))
+    await answers_correctly(pipelined_url)
     # A connection cancelled while one of its requests waits for a worker thread must still
     # close its session: anyio never runs an abandoned call that had not started.
-    factory.wait_all_closed(timeout=10)
+    await factory.all_closed(timeout=10)
 
 
 def test_seed_frames_cover_the_request_kinds(seeds: list[bytes]) -> None:

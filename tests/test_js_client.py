@@ -14,7 +14,7 @@ import pytest
 
 from perspective_asgi import AuthenticationFailed, HandshakeRequest, Policy, Settings
 
-from .conftest import DEMO_ROWS, CountingFactory
+from ._helpers import DEMO_ROWS, CountingFactory
 
 JS_DIR = Path(__file__).parent / "js"
 #: The JS client must match the server's major version (see tests/js/install.sh).
