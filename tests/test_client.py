@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
+import anyio
 import perspective
 import pyarrow as pa
 import pytest
@@ -19,17 +19,16 @@ import pytest
 from perspective_asgi import HandshakeRequest, Settings
 from perspective_asgi.client import (
     ConnectError,
-    Connection,
     connect,
     connect_sync,
     open_connection,
     reconnect,
 )
 
-from ._servers import ADAPTERS, ServerMain, serve_in_thread
-from .test_protocol import run
+from ._helpers import ROOT, SCENARIO_TIMEOUT, free_port
+from ._servers import ADAPTERS, ServerMain, serve_in_background, serve_in_thread
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.anyio
 
 
 def reference_tornado_main(server: Any) -> ServerMain:
@@ -61,10 +60,7 @@ def reference_url(perspective_server: perspective.Server) -> Iterator[str]:
 
 def free_port_url() -> str:
     """A loopback URL on which nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"ws://127.0.0.1:{port}/websocket"
+    return f"ws://127.0.0.1:{free_port()}/websocket"
 
 
 async def round_trip(url: str) -> None:
@@ -84,12 +80,14 @@ async def round_trip(url: str) -> None:
         await view.delete()
 
 
-def test_round_trip(url: str) -> None:
-    run(round_trip(url))
+async def test_round_trip(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        await round_trip(url)
 
 
-def test_round_trip_with_perspective_reference_handler(reference_url: str) -> None:
-    run(round_trip(reference_url))
+async def test_round_trip_with_perspective_reference_handler(reference_url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        await round_trip(reference_url)
 
 
 async def big_payload(url: str) -> None:
@@ -114,12 +112,14 @@ async def big_payload(url: str) -> None:
         await table.delete()
 
 
-def test_big_payload(url: str) -> None:
-    run(big_payload(url), timeout=60)
+async def test_big_payload(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        await big_payload(url)
 
 
-def test_big_payload_with_perspective_reference_handler(reference_url: str) -> None:
-    run(big_payload(reference_url), timeout=60)
+async def test_big_payload_with_perspective_reference_handler(reference_url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        await big_payload(reference_url)
 
 
 def test_sync_client(perspective_server: perspective.Server) -> None:
@@ -133,19 +133,19 @@ def test_sync_client(perspective_server: perspective.Server) -> None:
         table.size()
 
 
-def test_connection_refused_is_a_connect_error() -> None:
+async def test_connection_refused_is_a_connect_error() -> None:
     url = free_port_url()
-    with pytest.raises(ConnectError) as caught:
-        run(open_connection(url, open_timeout=5))
+    with anyio.fail_after(SCENARIO_TIMEOUT), pytest.raises(ConnectError) as caught:
+        await open_connection(url, open_timeout=5)
     assert caught.value.status is None
     assert caught.value.url == url
     assert "connection refused" in str(caught.value)
 
 
 @pytest.mark.parametrize("settings", [Settings(allowed_origins={"https://dash.example.com"})])
-def test_cross_origin_handshake_is_refused_with_403(url: str) -> None:
-    with pytest.raises(ConnectError) as caught:
-        run(open_connection(url, headers={"Origin": "https://evil.example.com"}))
+async def test_cross_origin_handshake_is_refused_with_403(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT), pytest.raises(ConnectError) as caught:
+        await open_connection(url, headers={"Origin": "https://evil.example.com"})
     assert caught.value.status == 403
     assert "HTTP 403" in str(caught.value)
 
@@ -155,16 +155,14 @@ async def require_token(request: HandshakeRequest) -> str | None:
 
 
 @pytest.mark.parametrize("settings", [Settings(authenticate=require_token)])
-def test_unauthenticated_handshake_is_refused_with_401(url: str) -> None:
-    with pytest.raises(ConnectError) as caught:
-        run(open_connection(url, headers={"Authorization": "Bearer bad"}))
-    assert caught.value.status == 401
+async def test_unauthenticated_handshake_is_refused_with_401(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        with pytest.raises(ConnectError) as caught:
+            await open_connection(url, headers={"Authorization": "Bearer bad"})
+        assert caught.value.status == 401
 
-    async def authorised() -> int:
         async with connect(url, headers={"Authorization": "Bearer good"}) as client:
-            return int(await (await client.open_table("demo")).size())
-
-    assert run(authorised()) == 4
+            assert await (await client.open_table("demo")).size() == 4
 
 
 @contextlib.asynccontextmanager
@@ -183,8 +181,8 @@ async def killable_server() -> AsyncIterator[tuple[asyncio.subprocess.Process, s
         await process.wait()
 
 
-def test_server_killed_mid_request_fails_pending_calls_promptly() -> None:
-    async def scenario() -> None:
+async def test_server_killed_mid_request_fails_pending_calls_promptly() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with killable_server() as (process, url):
             connection = await open_connection(url)
             table = await connection.client.open_table("demo")
@@ -210,8 +208,6 @@ def test_server_killed_mid_request_fails_pending_calls_promptly() -> None:
             await connection.close()
             assert updates == []
 
-    run(scenario())
-
 
 class TokenService:
     """Hands out bearer tokens; ``valid`` is what the server accepts right now."""
@@ -233,7 +229,7 @@ class TokenService:
         return "user" if token in self.valid else None
 
 
-def test_reconnect_refreshes_headers_and_reopens_tables(
+async def test_reconnect_refreshes_headers_and_reopens_tables(
     perspective_server: perspective.Server,
 ) -> None:
     # The first token works, then expires while the connection is down; the token service
@@ -257,45 +253,39 @@ def test_reconnect_refreshes_headers_and_reopens_tables(
         assert conn.closed
         return sizes
 
-    with serve_in_thread(ADAPTERS["starlette"](perspective_server, settings)) as url:
-        assert run(scenario(url)) == [4, 4]
+    async with serve_in_background(ADAPTERS["starlette"](perspective_server, settings)) as url:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            assert await scenario(url) == [4, 4]
     assert tokens.seen == ["old", "old", "new"]
     assert tokens.calls == 3
 
 
-def test_reconnect_gives_up_on_refusals_it_cannot_fix(
+async def test_reconnect_gives_up_on_refusals_it_cannot_fix(
     perspective_server: perspective.Server,
 ) -> None:
     settings = Settings(authenticate=require_token)
 
-    async def scenario(url: str) -> None:
-        async for _ in reconnect(url, headers={"Authorization": "Bearer bad"}):
-            raise AssertionError("connected with a bad token")
-
-    with serve_in_thread(ADAPTERS["aiohttp"](perspective_server, settings)) as url, \
-            pytest.raises(ConnectError) as caught:
-        run(scenario(url))
+    async with serve_in_background(ADAPTERS["aiohttp"](perspective_server, settings)) as url:
+        with anyio.fail_after(SCENARIO_TIMEOUT), pytest.raises(ConnectError) as caught:
+            async for _ in reconnect(url, headers={"Authorization": "Bearer bad"}):
+                raise AssertionError("connected with a bad token")
     assert caught.value.status == 401
 
 
-def test_reconnect_stops_after_max_attempts() -> None:
-    async def scenario() -> None:
+async def test_reconnect_stops_after_max_attempts() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT), pytest.raises(
+        ConnectError, match="connection refused"
+    ):
         async for _ in reconnect(free_port_url(), initial_delay=0.01, max_attempts=3):
             raise AssertionError("connected to a closed port")
 
-    with pytest.raises(ConnectError, match="connection refused"):
-        run(scenario())
 
-
-def test_connection_context_propagates_errors_unrelated_to_a_drop(url: str) -> None:
-    async def scenario() -> Connection:
+async def test_connection_context_propagates_errors_unrelated_to_a_drop(url: str) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT), pytest.raises(perspective.PerspectiveError):
         async for conn in reconnect(url):
             async with conn:
                 await conn.client.open_table("no such table")
         raise AssertionError("unreachable")
-
-    with pytest.raises(perspective.PerspectiveError):
-        run(scenario())
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
