@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import importlib.util
 from collections.abc import AsyncIterator, MutableMapping
-from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
+import anyio
 import perspective
 import pytest
 from fastapi import Depends, FastAPI, WebSocket, WebSocketException, status
@@ -22,9 +22,9 @@ from perspective_asgi.adapters.starlette import (
 )
 from perspective_asgi.testing import ConnectError, InProcessApp, connect_asgi
 
-from .test_protocol import run
+from ._helpers import ROOT, SCENARIO_TIMEOUT
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.anyio
 
 
 def load_example(name: str) -> ModuleType:
@@ -46,7 +46,6 @@ def anyio_backend() -> str:
 fastapi_example = load_example("fastapi_app")
 
 
-@pytest.mark.anyio
 async def test_sales_table() -> None:
     async with connect_asgi(fastapi_example.app, "/websocket") as client:
         table = await client.open_table("sales")
@@ -65,15 +64,13 @@ def demo_server() -> perspective.Server:
     return server
 
 
-def test_fastapi_dependency_override_swaps_the_server() -> None:
+async def test_fastapi_dependency_override_swaps_the_server() -> None:
     app = fastapi_example.app
     app.dependency_overrides[fastapi_example.perspective_server] = demo_server
     try:
-        async def scenario() -> list[str]:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
             async with connect_asgi(app) as client:
-                return list(await client.get_hosted_table_names())
-
-        assert run(scenario()) == ["demo"]
+                assert list(await client.get_hosted_table_names()) == ["demo"]
     finally:
         app.dependency_overrides.clear()
 
@@ -109,8 +106,8 @@ APPS = pytest.mark.parametrize("make_app", [raw_asgi, starlette_route, fastapi_e
 
 
 @APPS
-def test_round_trip_and_update(make_app: Any) -> None:
-    async def scenario() -> None:
+async def test_round_trip_and_update(make_app: Any) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with connect_asgi(make_app(Settings())) as client:
             table = await client.open_table("demo")
             view = await table.view()
@@ -120,14 +117,12 @@ def test_round_trip_and_update(make_app: Any) -> None:
             await asyncio.wait_for(updated.wait(), 10)
             assert (await view.to_columns())["x"] == [0.5, 1.5, 2.5, 3.5]
 
-    run(scenario())
-
 
 @APPS
-def test_authenticate_refusal_raises_401(make_app: Any) -> None:
+async def test_authenticate_refusal_raises_401(make_app: Any) -> None:
     app = make_app(Settings(authenticate=require_token))
 
-    async def scenario() -> int:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with InProcessApp(app) as server:
             with pytest.raises(ConnectError) as caught:
                 async with server.connect("/websocket?token=bad"):
@@ -135,25 +130,20 @@ def test_authenticate_refusal_raises_401(make_app: Any) -> None:
             assert caught.value.status == 401
             assert "authentication required" in str(caught.value)
             async with server.connect("/websocket?token=good") as client:
-                return int(await (await client.open_table("demo")).size())
-
-    assert run(scenario()) == 3
+                assert await (await client.open_table("demo")).size() == 3
 
 
 @APPS
-def test_cross_origin_refusal_raises_403(make_app: Any) -> None:
+async def test_cross_origin_refusal_raises_403(make_app: Any) -> None:
     app = make_app(Settings())
 
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT), pytest.raises(ConnectError) as caught:
         async with connect_asgi(app, headers={"Origin": "https://evil.example.com"}):
             raise AssertionError("accepted a cross-origin handshake")
-
-    with pytest.raises(ConnectError) as caught:
-        run(scenario())
     assert caught.value.status == 403
 
 
-def test_fastapi_dependency_refusal_raises_403() -> None:
+async def test_fastapi_dependency_refusal_raises_403() -> None:
     app = FastAPI()
 
     def no_entry() -> None:
@@ -163,16 +153,13 @@ def test_fastapi_dependency_refusal_raises_403() -> None:
     async def endpoint(websocket: WebSocket, _: Annotated[None, Depends(no_entry)]) -> None:
         raise AssertionError("the dependency should have refused")
 
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT), pytest.raises(ConnectError) as caught:
         async with connect_asgi(app):
             raise AssertionError("accepted despite the dependency")
-
-    with pytest.raises(ConnectError) as caught:
-        run(scenario())
     assert caught.value.status == 403
 
 
-def test_lifespan_runs_around_the_connections() -> None:
+async def test_lifespan_runs_around_the_connections() -> None:
     events: list[str] = []
     server = demo_server()
 
@@ -189,7 +176,7 @@ def test_lifespan_runs_around_the_connections() -> None:
         events.append("connection")
         await PerspectiveStarletteHandler(perspective_server=server, websocket=websocket).run()
 
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with InProcessApp(app) as in_process:
             assert events == ["startup"]
             async with in_process.connect() as client:
@@ -197,20 +184,16 @@ def test_lifespan_runs_around_the_connections() -> None:
             assert events == ["startup", "connection"]
         assert events == ["startup", "connection", "shutdown"]
 
-    run(scenario())
 
-
-def test_calls_after_the_connection_ends_fail_promptly() -> None:
-    async def scenario() -> None:
+async def test_calls_after_the_connection_ends_fail_promptly() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with connect_asgi(raw_asgi(Settings())) as client:
             table = await client.open_table("demo")
         with pytest.raises(perspective.PerspectiveError, match="connection closed with code 1000"):
             await asyncio.wait_for(table.size(), 5)
 
-    run(scenario())
 
-
-def test_server_side_close_fails_pending_calls() -> None:
+async def test_server_side_close_fails_pending_calls() -> None:
     app = FastAPI()
 
     @app.websocket("/websocket")
@@ -219,15 +202,13 @@ def test_server_side_close_fails_pending_calls() -> None:
         await websocket.receive_bytes()  # the client's request is in flight from now on
         await websocket.close(code=1011, reason="going down")
 
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
         async with connect_asgi(app) as client:
             with pytest.raises(perspective.PerspectiveError, match="code 1011"):
                 await asyncio.wait_for(client.get_hosted_table_names(), 5)
 
-    run(scenario())
 
-
-def test_app_errors_while_serving_are_reraised() -> None:
+async def test_app_errors_while_serving_are_reraised() -> None:
     async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "websocket":
             raise RuntimeError("no lifespan here")  # the spec: lifespan is then skipped
@@ -236,10 +217,7 @@ def test_app_errors_while_serving_are_reraised() -> None:
         await receive()
         raise ValueError("boom")
 
-    async def scenario() -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT), pytest.raises(ValueError, match="boom"):
         async with connect_asgi(app) as client:
             with pytest.raises(perspective.PerspectiveError, match="connection closed"):
                 await asyncio.wait_for(client.get_hosted_table_names(), 5)
-
-    with pytest.raises(ValueError, match="boom"):
-        run(scenario())
