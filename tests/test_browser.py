@@ -6,6 +6,7 @@ compared with what the server holds, read with the stock Python client.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -17,14 +18,24 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import perspective
 import pytest
 
-from ._client import perspective_client
-from .test_examples import ROOT, Process, free_port, run, serving, viewer_bundle_installed
+from ._helpers import (
+    ROOT,
+    SCENARIO_TIMEOUT,
+    ServerProcess,
+    connect,
+    free_port,
+    in_thread,
+    server_process,
+    viewer_bundle_installed,
+)
 
 BROWSER_DIR = Path(__file__).parent / "browser"
 SCRIPT = BROWSER_DIR / "dashboard.mjs"
@@ -60,11 +71,14 @@ ORDERS_BY_REGION = {
     "sort": [["total", "desc"]],
 }
 
-pytestmark = pytest.mark.skipif(
-    not viewer_bundle_installed(),
-    reason=f"perspective-python {perspective.__version__} ships no viewer bundle to run offline "
-    "(perspective/widget/static arrived in 5.x)",
-)
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(
+        not viewer_bundle_installed(),
+        reason=f"perspective-python {perspective.__version__} ships no viewer bundle to run "
+        "offline (perspective/widget/static arrived in 5.x)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +96,10 @@ def node() -> str:
 
 
 class Browser:
-    """The browser script as a subprocess whose stdout JSON lines are read as they come."""
+    """The browser script as a subprocess whose stdout JSON lines are read as they come.
+
+    The methods block (they wait on the script): async tests call them through ``in_thread``.
+    """
 
     def __init__(self, node: str, url: str, logs: Path, *options: str) -> None:
         self.stderr_path = logs / "browser-stderr.txt"
@@ -145,6 +162,18 @@ class Browser:
         self._reader.join(REPORT_GRACE)
 
 
+@contextlib.asynccontextmanager
+async def browsing(node: str, url: str, logs: Path, *options: str) -> AsyncIterator[Browser]:
+    """Run the browser script on ``url``; end it and its browser afterwards, whatever happened."""
+    browser = Browser(node, url, logs, *options)
+    try:
+        yield browser
+    finally:
+        # Shielded: a test that timed out must still not leave a browser running.
+        with anyio.CancelScope(shield=True):
+            await in_thread(browser.stop)
+
+
 def uvicorn_args(port: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "perspective_asgi.app:app", "--port", str(port)]
 
@@ -166,15 +195,16 @@ async def server_rows(port: int, table_name: str, rows: int, **config: Any) -> l
 
     Grouped rows start with the last element of their row path, or ``TOTAL`` for the root.
     """
-    async with perspective_client(f"ws://127.0.0.1:{port}/websocket") as (client, _):
-        table = await client.open_table(table_name)
-        schema = await table.schema()
-        columns = config.get("columns") or await table.columns()
-        view = await table.view(**config)
-        try:
-            data = await view.to_columns(start_row=0, end_row=rows)
-        finally:
-            await view.delete()
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(f"ws://127.0.0.1:{port}/websocket") as conn:
+            table = await conn.client.open_table(table_name)
+            schema = await table.schema()
+            columns = config.get("columns") or await table.columns()
+            view = await table.view(**config)
+            try:
+                data = await view.to_columns(start_row=0, end_row=rows)
+            finally:
+                await view.delete()
     shown = [[displayed(value, schema[name]) for value in data[name]] for name in columns]
     body = [list(row) for row in zip(*shown, strict=True)]
     if "__ROW_PATH__" in data:
@@ -193,8 +223,13 @@ def assert_no_errors(result: dict[str, Any]) -> None:
     assert errors == {"page": [], "console": [], "requests": []}, json.dumps(errors, indent=1)
 
 
+def read_metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
 @pytest.mark.parametrize("read_only", [False, True], ids=["editable", "read-only"])
-def test_dashboard_shows_the_servers_data(
+async def test_dashboard_shows_the_servers_data(
     node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_only: bool
 ) -> None:
     # Read-only refuses every request that changes a table: the viewer must not need one.
@@ -202,15 +237,12 @@ def test_dashboard_shows_the_servers_data(
     port = free_port()
     SCREENSHOT.parent.mkdir(exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
-    with serving(uvicorn_args(port), tmp_path, port):
-        browser = Browser(
+    async with server_process(uvicorn_args(port), tmp_path, port=port):
+        async with browsing(
             node, f"http://127.0.0.1:{port}/", tmp_path,
             "--config", json.dumps(ORDERS_SORTED), "--screenshot", str(SCREENSHOT),
-        )
-        try:
-            result = browser.report()
-        finally:
-            browser.stop()
+        ) as browser:
+            result = await in_thread(browser.report)
         assert_no_errors(result)
 
         # The page opens on the live table, connected.
@@ -222,7 +254,7 @@ def test_dashboard_shows_the_servers_data(
         assert len(shown) >= 10
         assert all(len(row) == len(PRICES_COLUMNS) for row in shown)
         # Prices move between reads, but the symbols (the index, so the order) do not.
-        expected = run(server_rows(port, "prices", len(shown), columns=["symbol"]))
+        expected = await server_rows(port, "prices", len(shown), columns=["symbol"])
         assert [row[:1] for row in shown] == expected
 
         # Live: the grid followed the server's updates.
@@ -233,7 +265,7 @@ def test_dashboard_shows_the_servers_data(
         assert switched["table"] == "orders"
         shown = switched["grid"]["rows"]
         assert len(shown) >= 10
-        expected = run(server_rows(port, "orders", len(shown)))
+        expected = await server_rows(port, "orders", len(shown))
         assert switched["grid"]["headers"] == ORDERS_COLUMNS
         assert shown == expected
 
@@ -243,17 +275,15 @@ def test_dashboard_shows_the_servers_data(
         assert configured["grid"]["headers"] == ORDERS_SORTED["columns"]
         shown = configured["grid"]["rows"]
         assert len(shown) >= 10
-        expected = run(server_rows(
+        expected = await server_rows(
             port, "orders", len(shown),
             columns=ORDERS_SORTED["columns"], sort=ORDERS_SORTED["sort"],
-        ))
+        )
         assert shown == expected
 
         # The viewer never sent a request the server refused (read-only, or a view guard
         # refusal, which would count toward closing it with 1008).
-        url = f"http://127.0.0.1:{port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            metrics = response.read().decode()
+        metrics = await in_thread(read_metrics, port)
         assert "perspective_request_seconds" in metrics
         refused = [line for line in metrics.splitlines()
                    if line.startswith("perspective_refused_requests_total")]
@@ -265,26 +295,25 @@ def test_dashboard_shows_the_servers_data(
         shutil.copyfile(SCREENSHOT, ROOT / "docs" / "dashboard.png")
 
 
-def test_dashboard_reconnects_after_a_server_restart(node: str, tmp_path: Path) -> None:
+async def test_dashboard_reconnects_after_a_server_restart(node: str, tmp_path: Path) -> None:
     port = free_port()
     first_logs, second_logs = tmp_path / "first", tmp_path / "second"
     first_logs.mkdir()
     second_logs.mkdir()
-    first = Process(uvicorn_args(port), port, first_logs)
-    second: Process | None = None
-    browser: Browser | None = None
+    first = ServerProcess(uvicorn_args(port), port, first_logs)
+    second: ServerProcess | None = None
     try:
-        first.wait_listening()
-        browser = Browser(
+        await in_thread(first.wait_listening)
+        async with browsing(
             node, f"http://127.0.0.1:{port}/", tmp_path,
             "--config", json.dumps(ORDERS_BY_REGION), "--restart",
-        )
-        assert browser.next_message() == {"event": "restart"}
-        # A crash, not a shutdown: no close frame reaches the page.
-        first.kill()
-        second = Process(uvicorn_args(port), port, second_logs)
-        second.wait_listening()
-        result = browser.report()
+        ) as browser:
+            assert await in_thread(browser.next_message) == {"event": "restart"}
+            # A crash, not a shutdown: no close frame reaches the page.
+            first.kill()
+            second = ServerProcess(uvicorn_args(port), port, second_logs)
+            await in_thread(second.wait_listening)
+            result = await in_thread(browser.report)
 
         restart = result["restart"]
         before, after = restart["before"], restart["after"]
@@ -295,7 +324,7 @@ def test_dashboard_reconnects_after_a_server_restart(node: str, tmp_path: Path) 
         assert len(shown) == 1 + len({"North", "South", "East", "West", "Central"})
         assert shown == row_cells(before["grid"], width + 1)
         config = {key: ORDERS_BY_REGION[key] for key in ("group_by", "columns", "sort")}
-        assert shown == run(server_rows(port, "orders", len(shown), **config))
+        assert shown == await server_rows(port, "orders", len(shown), **config)
 
         # The status line told the story: disconnected with a countdown, then connected.
         log = restart["status_log"]
@@ -307,8 +336,6 @@ def test_dashboard_reconnects_after_a_server_restart(node: str, tmp_path: Path) 
         picked = restart["picked"]
         assert (picked["config"]["table"], picked["grid"]["headers"]) == ("prices", PRICES_COLUMNS)
     finally:
-        if browser is not None:
-            browser.stop()
         first.kill()
         if second is not None:
             second.kill()
