@@ -2,7 +2,8 @@
 
 ``serve(config, pipe)`` binds 127.0.0.1:0, sends the port up ``pipe`` and then answers control
 commands on it from a thread (RSS and its peak, CPU, open sessions, feed start/stop) until
-terminated. With ``config["cpus"]`` every thread of the process is pinned to those CPUs first.
+terminated. With ``config["cpus"]`` every thread of the process is pinned to those CPUs once
+the tables are loaded.
 Routes on every stack:
 
 - ``/ws``: Perspective, through ``config["impl"]``: ``ours`` (perspective_asgi), ``ref``
@@ -435,8 +436,10 @@ class _FirstOverflow(logging.Handler):
 
 def serve(config: dict[str, Any], pipe: Any) -> None:
     raise_nofile()
-    if config.get("cpus"):
-        pin_process(set(config["cpus"]))
+    # Load the tables on every CPU (the parent's load-generator affinity was inherited), then
+    # serve from the server's own CPU alone.
+    if config.get("startup_cpus"):
+        pin_process(set(config["startup_cpus"]))
     # The reference handlers print a traceback per failed send task; keep them in a file.
     log = os.open(config.get("log", "/tmp/perspective_asgi_bench_server.log"),
                   os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -476,6 +479,8 @@ def serve(config: dict[str, Any], pipe: Any) -> None:
 
     settings = Settings(observer=opened.observer if opened is not None else None)
 
+    if config.get("cpus"):
+        pin_process(set(config["cpus"]))
     proto = config.get("proto", socket.IPPROTO_TCP)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
