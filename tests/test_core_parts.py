@@ -14,6 +14,7 @@ import perspective
 import pytest
 
 from perspective_asgi import Policy, SessionObserver, Settings
+from perspective_asgi._core.costs import BUDGET, COOLDOWN, MAX_FRAME, PROOF, CostBook
 from perspective_asgi._core.guards import GuardChain
 from perspective_asgi._core.hosted import GateState, HostedTablesGate, HostedTablesProbe
 from perspective_asgi._core.outbox import Outbox, OutboxState
@@ -308,3 +309,64 @@ async def test_gate_passes_on_a_change_only_when_the_visible_tables_change() -> 
     assert delivered == [notification]  # a permitted table appeared
     await gate.close()
     assert gate.changed(notification) is False
+
+
+# Cost book ---------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_kind_runs_on_the_loop_only_after_proving_cheap() -> None:
+    clock = Clock()
+    book = CostBook(clock)
+    key = (6, "small")
+    for _ in range(PROOF - 1):
+        book.record(key, BUDGET / 10)
+        assert not book.cheap(key)
+    book.record(key, BUDGET / 10)
+    assert book.cheap(key)
+    assert not book.cheap((6, "other"))  # learnt per table
+
+
+def test_one_slow_run_sends_a_kind_back_to_threads_for_the_cooldown() -> None:
+    clock = Clock()
+    book = CostBook(clock)
+    key = (24, "big")
+    for _ in range(PROOF):
+        book.record(key, 0)
+    book.record(key, BUDGET * 2)
+    assert not book.cheap(key)
+    for _ in range(PROOF):
+        book.record(key, 0)  # cheap again, but within the cooldown
+    assert not book.cheap(key)
+    clock.now += COOLDOWN
+    assert book.cheap(key)
+
+
+async def test_a_small_view_moves_to_the_loop_and_a_large_update_never_does() -> None:
+    server = perspective.Server()
+    server.new_local_client().table({"a": [1, 2, 3]}, name="small")
+    threads: list[int] = []
+
+    class Recording:
+        def handle_request(self, data: bytes) -> None:
+            threads.append(threading.get_ident())
+
+    runner = RequestRunner(
+        Recording(), EngineKind.SERVER, engine_key=id(server), inline_kinds=frozenset({8}),
+        limiter=anyio.CapacityLimiter(2), on_closed=lambda: None,
+    )
+    for _ in range(PROOF + 2):
+        await runner.run(b"view", 6, "small")
+    here = threading.get_ident()
+    assert [thread == here for thread in threads] == [False] * PROOF + [True, True]
+    for _ in range(PROOF):
+        await runner.run(b"update", 33, "small")
+    assert runner.runs_inline(33, "small", MAX_FRAME)
+    assert not runner.runs_inline(33, "small", MAX_FRAME + 1)  # its rows decide its cost

@@ -313,8 +313,8 @@ class SessionBridge:
     async def _read_loop(self, transport: Transport) -> None:
         limit = self.settings.max_message_size
         observer = self._observer
-        runner, outbox = self._runner, self._outbox
-        assert runner is not None
+        runner, outbox, guards = self._runner, self._outbox, self._guards
+        assert runner is not None and guards is not None
         while True:
             frame = await transport.receive()
             self._last_received = anyio.current_time()
@@ -329,7 +329,11 @@ class SessionBridge:
                 )
             data = frame if isinstance(frame, bytes) else bytes(frame)
             envelope = read_envelope(data)
-            if self._inbox is None and runner.runs_inline(envelope.kind) and outbox.claim():
+            table = guards.table_of(envelope)
+            if (
+                self._inbox is None and runner.runs_inline(envelope.kind, table, len(data))
+                and outbox.claim()
+            ):
                 # Nothing is ahead of this cheap request and the outbox is ours: answering it
                 # here keeps the order and saves two task switches per round trip.
                 await self._handle(data, envelope)
@@ -375,7 +379,7 @@ class SessionBridge:
             return
         if self._gate is not None:
             await self._gate.before(envelope)
-        await runner.run(data, envelope.kind)
+        await runner.run(data, envelope.kind, guards.table_of(envelope))
         guards.handled(envelope)
         self._observer.request_handled(envelope.kind, time.perf_counter() - started)
 

@@ -18,7 +18,7 @@ from .._observer import SessionObserver
 from .limits import TokenBucket
 from .policy import Policy, PolicyGuard, Refused
 from .views import ViewGuard
-from .wire import Envelope, encode_server_error
+from .wire import VIEW_REQUEST_KINDS, Envelope, encode_server_error
 
 
 class GuardChain:
@@ -98,6 +98,12 @@ class GuardChain:
             return None
         # Not a violation: a client that bursts is throttled, not judged.
         return Refused("rate", f"rate limit: over {self._rate[0]:g} requests per second")
+
+    def table_of(self, envelope: Envelope) -> str:
+        """The table a request is about: its view's for a view request, else its entity."""
+        if envelope.kind in VIEW_REQUEST_KINDS:
+            return self.views.table_of(envelope.entity_id) or ""
+        return envelope.entity_id
 
     def handled(self, envelope: Envelope) -> None:
         """Note that the engine has run ``envelope`` (a deleted view's id is free again)."""

@@ -3,8 +3,9 @@
 A request runs in one of four places, chosen per request:
 
 * on the event loop, for cheap kinds on the in-memory engine (microseconds, less than a thread
-  hop), unless a request of the same engine is running in a thread: the engine's lock may be
-  held (a ``view.delete()`` holds it for 100s of ms) and the loop would stall behind it;
+  hop), and for any other kind whose recent requests on the same table proved cheap
+  (``costs.py``); unless a request of the same engine is running in a thread: the engine's
+  lock may be held (a ``view.delete()`` holds it for 100s of ms) and the loop would stall;
 * in one of anyio's worker threads, bounded by a limiter, for everything else: the engine
   releases the GIL while it computes, so other connections go on being served;
 * on ``Settings.executor`` instead, when one is given (asyncio only);
@@ -22,6 +23,7 @@ import enum
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -32,6 +34,7 @@ from .._codes import CloseCode
 from .._config import Settings
 from .._exceptions import ProtocolError
 from . import registry
+from .costs import MAX_FRAME, CostBook, Key, cost_book
 
 logger = logging.getLogger("perspective_asgi")
 
@@ -84,7 +87,7 @@ class RequestRunner:
     """Runs one connection's requests on its session, one at a time, and closes it once."""
 
     __slots__ = (
-        "_engine_key", "_executor", "_handoff", "_inline_kinds", "_limiter", "_lock",
+        "_costs", "_engine_key", "_executor", "_handoff", "_inline_kinds", "_limiter", "_lock",
         "_on_closed", "_session", "kind", "name",
     )
 
@@ -106,6 +109,10 @@ class RequestRunner:
         self.kind = kind
         self._engine_key = engine_key
         self._inline_kinds = inline_kinds if kind is EngineKind.SERVER else frozenset()
+        #: What requests have cost this engine, shared by its connections (in-memory only).
+        self._costs: CostBook | None = (
+            cost_book(engine_key) if kind is EngineKind.SERVER else None
+        )
         self._limiter = limiter
         self._executor = executor
         #: Called once the session is closed: its view ids are free for other connections.
@@ -113,20 +120,28 @@ class RequestRunner:
         self._handoff = Handoff.IDLE
         self._lock = threading.Lock()
 
-    def runs_inline(self, kind: int | None) -> bool:
-        """Whether a request of ``kind`` would run on the loop without waiting for anything."""
-        return kind in self._inline_kinds and not registry.engine_is_busy(self._engine_key)
+    def runs_inline(self, kind: int | None, table: str = "", size: int = 0) -> bool:
+        """Whether a request of ``kind`` on ``table``, ``size`` bytes long, would run on the
+        loop without waiting for anything."""
+        if self._costs is None or kind is None or registry.engine_is_busy(self._engine_key):
+            return False
+        if kind in self._inline_kinds:
+            return True
+        return size <= MAX_FRAME and self._costs.cheap((kind, table))
 
-    async def run(self, data: bytes, kind: int | None) -> None:
+    async def run(self, data: bytes, kind: int | None, table: str = "") -> None:
         """Hand one request to the session, wherever it belongs; return once it has run."""
         if self.kind is EngineKind.ASYNC_SERVER:
             await self._session.handle_request(data)
-        elif self.runs_inline(kind):
-            self._handle(data)
+            return
+        # Cheap kinds cost microseconds whatever the table: only the others are measured.
+        key = None if kind is None or kind in self._inline_kinds else (kind, table)
+        if self.runs_inline(kind, table, len(data)):
+            self._timed(data, key)
         else:
-            await self._run_in_thread(data)
+            await self._run_in_thread(data, key)
 
-    async def _run_in_thread(self, data: bytes) -> None:
+    async def _run_in_thread(self, data: bytes, key: Key | None) -> None:
         with self._lock:
             if self._handoff is not Handoff.IDLE:
                 return  # closed meanwhile: nobody is left to answer
@@ -137,10 +152,10 @@ class RequestRunner:
                 # The thread is abandoned on cancel: it cannot be interrupted, and it closes
                 # the session itself if a close came while it was inside the engine.
                 await anyio.to_thread.run_sync(
-                    self._in_thread, data, limiter=self._limiter, abandon_on_cancel=True
+                    self._in_thread, data, key, limiter=self._limiter, abandon_on_cancel=True
                 )
             else:
-                await asyncio.wrap_future(self._executor.submit(self._in_thread, data))
+                await asyncio.wrap_future(self._executor.submit(self._in_thread, data, key))
         finally:
             registry.mark_busy(self._engine_key, -1)
             with self._lock:
@@ -148,19 +163,29 @@ class RequestRunner:
                     # Cancelled before a thread took it: none ever will.
                     self._handoff = Handoff.IDLE
 
-    def _in_thread(self, data: bytes) -> None:
+    def _in_thread(self, data: bytes, key: Key | None) -> None:
         with self._lock:
             if self._handoff is not Handoff.QUEUED:
                 return  # given up on before it started; the session may be closed already
             self._handoff = Handoff.IN_ENGINE
         try:
-            self._handle(data)
+            self._timed(data, key)
         finally:
             with self._lock:
                 close_now = self._handoff is Handoff.CLOSE_ON_RETURN
                 self._handoff = Handoff.CLOSED if close_now else Handoff.IDLE
             if close_now:
                 self._close_now()
+
+    def _timed(self, data: bytes, key: Key | None) -> None:
+        if key is None or self._costs is None:
+            self._handle(data)
+            return
+        started = time.perf_counter()
+        try:
+            self._handle(data)
+        finally:
+            self._costs.record(key, time.perf_counter() - started)
 
     def _handle(self, data: bytes) -> None:
         try:
