@@ -397,7 +397,9 @@ def _tell(gens: list[tuple[Any, Any]], message: Any) -> None:
 
 
 def _finish(gens: list[tuple[Any, Any]], message: Any = "done") -> None:
-    _tell(gens, message)
+    """Tell the load generators ``message`` (None: they are ending already) and reap them."""
+    if message is not None:
+        _tell(gens, message)
     for p, _ in gens:
         p.join(30)
         if p.is_alive():
