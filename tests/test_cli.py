@@ -7,20 +7,16 @@ process (``python -m perspective_asgi``), checked with the stock Python client.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+import anyio
 import perspective
 import pyarrow as pa
 import pyarrow.feather
@@ -40,31 +36,28 @@ from perspective_asgi._loaders import (
 )
 from perspective_asgi.cli import COMPRESSION_DEFAULT, main
 
-from ._client import perspective_client
+from ._helpers import (
+    ROOT,
+    SCENARIO_TIMEOUT,
+    START_TIMEOUT,
+    ServerProcess,
+    command,
+    connect,
+    environment,
+    free_port,
+    in_thread,
+    resolve,
+    server_process,
+)
 
-T = TypeVar("T")
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.anyio
+
 ROWS: dict[str, list[Any]] = {
     "id": [1, 2, 3],
     "name": ["alpha", "beta", "gamma"],
     "value": [1.5, 2.5, None],
 }
 SCHEMA = {"id": "integer", "name": "string", "value": "float"}
-#: Seconds a server gets to start listening, and to exit once signalled.
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
-
-
-async def maybe_await(value: Any) -> Any:
-    # Some AsyncTable methods answer from cached state and are not coroutines.
-    return await value if inspect.isawaitable(value) else value
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
 
 
 # Writers: one real file per format ------------------------------------------------------------
@@ -538,129 +531,56 @@ def test_console_script_entry_point() -> None:
 # The command line, as its own process ---------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def environment(**extra: str) -> dict[str, str]:
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **extra}
-    for name in ("PERSPECTIVE_ASGI_DEMO", "PERSPECTIVE_ASGI_FILES"):
-        if name not in extra:
-            env.pop(name, None)
-    return env
-
-
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "perspective_asgi", *args]
-
-
-class Server:
-    """A server process; stderr goes to a file so a full pipe cannot stall it."""
-
-    def __init__(self, args: list[str], port: int, logs: Path, env: dict[str, str]) -> None:
-        self.port = port
-        self.stderr_path = logs / f"stderr-{port}.txt"
-        with open(self.stderr_path, "wb") as stderr:
-            self.popen = subprocess.Popen(
-                args, cwd=logs, env=env, stdout=subprocess.DEVNULL, stderr=stderr
-            )
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/websocket"
-
-    def wait_listening(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.5
-            ):
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"nothing listens on {self.port} after {START_TIMEOUT} s:\n"
-                            f"{self.stderr}")
-            # Waiting on the process is the pause between attempts, and notices an early exit.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                code = self.popen.wait(0.05)
-                pytest.fail(f"server exited with {code} before listening:\n{self.stderr}")
-
-    def stop(self) -> None:
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            code = self.popen.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {STOP_TIMEOUT} s after SIGTERM")
-        # uvicorn re-raises the signal it handled once it has shut down cleanly.
-        assert code in (0, -signal.SIGTERM), f"exit code {code}:\n{self.stderr}"
-        assert "Traceback" not in self.stderr, self.stderr
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait()
-
-
-@contextlib.contextmanager
-def serving(args: list[str], tmp_path: Path, **env: str) -> Iterator[Server]:
-    """Run ``args`` plus ``--port`` and a free port; yield once it listens, stop it after."""
+@contextlib.asynccontextmanager
+async def serving(args: list[str], tmp_path: Path, **env: str) -> AsyncIterator[ServerProcess]:
+    """Run ``args`` plus ``--port`` and a free port in ``tmp_path``, with ``env`` added to the
+    environment; yield once it listens, and stop it cleanly (SIGTERM, no traceback) after."""
     port = free_port()
-    server = Server([*args, "--port", str(port)], port, tmp_path, environment(**env))
-    try:
-        server.wait_listening()
+    async with server_process(
+        [*args, "--port", str(port)], tmp_path, port=port, env=environment(**env), cwd=tmp_path
+    ) as server:
         yield server
-        server.stop()
-    finally:
-        server.kill()
+        await in_thread(server.stop_cleanly)
 
 
-def test_serve_a_file(tmp_path: Path) -> None:
+async def test_serve_a_file(tmp_path: Path) -> None:
     path = write(tmp_path, "parquet")
-    with serving(command("serve", str(path), "--no-demo", "--index", "id"), tmp_path) as server:
-
-        async def check() -> None:
-            async with perspective_client(server.url) as (client, _):
+    args = command("serve", str(path), "--no-demo", "--index", "id")
+    async with serving(args, tmp_path) as server:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(server.url) as conn:
+                client = conn.client
                 assert await client.get_hosted_table_names() == ["readings"]
                 table = await client.open_table("readings")
-                assert await maybe_await(table.get_index()) == "id"
+                assert await resolve(table.get_index()) == "id"
                 assert await table.schema() == SCHEMA
                 assert await table.size() == 3
                 view = await table.view()
                 assert await view.to_columns() == ROWS
                 await view.delete()
 
-        run(check())
 
-
-def test_serve_files_beside_the_demo_with_a_name(tmp_path: Path) -> None:
+async def test_serve_files_beside_the_demo_with_a_name(tmp_path: Path) -> None:
     path = write(tmp_path, "ndjson")
-    with serving(command("serve", str(path), "--name", "sensors"), tmp_path) as server:
-
-        async def check() -> None:
-            async with perspective_client(server.url) as (client, _):
+    async with serving(command("serve", str(path), "--name", "sensors"), tmp_path) as server:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(server.url) as conn:
+                client = conn.client
                 assert sorted(await client.get_hosted_table_names()) == [
                     "orders", "prices", "sensors",
                 ]
                 table = await client.open_table("sensors")
                 assert await table.size() == 3
 
-        run(check())
 
-
-def test_serve_a_duckdb_database(tmp_path: Path) -> None:
+async def test_serve_a_duckdb_database(tmp_path: Path) -> None:
     path = tmp_path / "plant.duckdb"
     write_duckdb(path)
     before = path.read_bytes()
-    with serving(command("serve", str(path)), tmp_path) as server:
-
-        async def check() -> None:
-            async with perspective_client(server.url) as (client, _):
+    async with serving(command("serve", str(path)), tmp_path) as server:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(server.url) as conn:
+                client = conn.client
                 # No demo tables: a database replaces them.
                 assert await client.get_hosted_table_names() == ["plant.readings"]
                 table = await client.open_table("plant.readings")
@@ -668,8 +588,6 @@ def test_serve_a_duckdb_database(tmp_path: Path) -> None:
                 view = await table.view(columns=["id", "name", "value"], sort=[["id", "asc"]])
                 assert await view.to_columns() == ROWS
                 await view.delete()
-
-        run(check())
     assert path.read_bytes() == before
 
 
@@ -677,34 +595,29 @@ def test_serve_a_duckdb_database(tmp_path: Path) -> None:
     "options", [[], ["--compression"], ["--no-compression"]],
     ids=["default", "compression", "no-compression"],
 )
-def test_compression(options: list[str], tmp_path: Path) -> None:
+async def test_compression(options: list[str], tmp_path: Path) -> None:
     path = write(tmp_path, "csv")
-    with serving(command("serve", str(path), "--no-demo", *options), tmp_path) as server:
-
-        async def negotiated() -> bool:
-            async with perspective_client(server.url, compression="deflate") as (client, ws):
-                assert await client.get_hosted_table_names() == ["readings"]
-                assert ws.response is not None
-                extensions = ws.response.headers.get("Sec-WebSocket-Extensions", "")
-                return "permessage-deflate" in extensions
-
-        expected = options == ["--compression"] or (COMPRESSION_DEFAULT and not options)
-        assert run(negotiated()) is expected
+    expected = options == ["--compression"] or (COMPRESSION_DEFAULT and not options)
+    async with serving(command("serve", str(path), "--no-demo", *options), tmp_path) as server:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(server.url, compression="deflate") as conn:
+                assert await conn.client.get_hosted_table_names() == ["readings"]
+                assert conn.ws.response is not None
+                extensions = conn.ws.response.headers.get("Sec-WebSocket-Extensions", "")
+                assert ("permessage-deflate" in extensions) is expected
 
 
-def test_uvicorn_app_reads_the_environment(tmp_path: Path) -> None:
+async def test_uvicorn_app_reads_the_environment(tmp_path: Path) -> None:
     path = write(tmp_path, "json-columns")
     args = [sys.executable, "-m", "uvicorn", "perspective_asgi.app:app"]
     env = {"PERSPECTIVE_ASGI_DEMO": "0", "PERSPECTIVE_ASGI_FILES": str(path)}
-    with serving(args, tmp_path, **env) as server:
-
-        async def check() -> None:
-            async with perspective_client(server.url) as (client, _):
+    async with serving(args, tmp_path, **env) as server:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(server.url) as conn:
+                client = conn.client
                 assert await client.get_hosted_table_names() == ["readings"]
                 table = await client.open_table("readings")
                 assert await table.size() == 3
-
-        run(check())
 
 
 def test_uvicorn_app_with_a_bad_environment_says_so_in_one_line(tmp_path: Path) -> None:
@@ -740,28 +653,26 @@ def test_serve_broken_files_exits_2_with_one_line(case: str, tmp_path: Path) -> 
     assert words in line
 
 
-def test_read_only_switch(tmp_path: Path) -> None:
+async def test_read_only_switch(tmp_path: Path) -> None:
     path = write(tmp_path, "csv")
-    with serving(command("serve", str(path), "--no-demo", "--read-only"), tmp_path) as server:
-
-        async def check() -> None:
-            async with perspective_client(server.url) as (client, _):
+    async with serving(command("serve", str(path), "--no-demo", "--read-only"), tmp_path) as server:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(server.url) as conn:
+                client = conn.client
                 table = await client.open_table("readings")
                 with pytest.raises(perspective.PerspectiveError, match="read-only"):
                     await table.update([{"id": 99}])
                 assert await table.size() == 3
 
-        run(check())
 
-
-def test_table_allow_list_and_expressions_switches(tmp_path: Path) -> None:
+async def test_table_allow_list_and_expressions_switches(tmp_path: Path) -> None:
     path = write(tmp_path, "csv")
     args = command("serve", str(path), "--tables", "readings", "--no-expressions",
                    "--max-connections", "5", "--max-requests-per-second", "1000")
-    with serving(args, tmp_path) as server:
-
-        async def check() -> None:
-            async with perspective_client(server.url) as (client, _):
+    async with serving(args, tmp_path) as server:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(server.url) as conn:
+                client = conn.client
                 # The demo tables are served, but not to clients.
                 assert await client.get_hosted_table_names() == ["readings"]
                 with pytest.raises(perspective.PerspectiveError):
@@ -770,8 +681,6 @@ def test_table_allow_list_and_expressions_switches(tmp_path: Path) -> None:
                 with pytest.raises(perspective.PerspectiveError, match="expressions"):
                     await table.view(expressions={"twice": '"id" * 2'})
                 assert await table.size() == 3
-
-        run(check())
 
 
 @pytest.mark.parametrize(
@@ -788,19 +697,17 @@ def test_limit_switches_are_checked(
     assert words in capsys.readouterr().err
 
 
-def test_shutdown_closes_websockets_with_1001(tmp_path: Path) -> None:
+async def test_shutdown_closes_websockets_with_1001(tmp_path: Path) -> None:
     path = write(tmp_path, "csv")
-    with serving(command("serve", str(path), "--no-demo"), tmp_path) as server:
-
-        async def hold_until_stopped() -> int | None:
-            async with perspective_client(server.url) as (client, ws):
-                table = await client.open_table("readings")
+    async with serving(command("serve", str(path), "--no-demo"), tmp_path) as server:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(server.url) as conn:
+                table = await conn.client.open_table("readings")
                 view = await table.view()
                 await view.on_update(lambda *_: None)
                 assert await table.size() == 3
-                await asyncio.to_thread(server.stop)
-                await asyncio.wait_for(ws.wait_closed(), 10)
-                return ws.close_code
-
-        assert run(hold_until_stopped()) == 1001
+                await in_thread(server.stop_cleanly)
+                with anyio.fail_after(10):
+                    await conn.ws.wait_closed()
+            assert conn.ws.close_code == 1001
     assert "Traceback" not in server.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import perspective
 import pytest
 
@@ -21,9 +23,18 @@ from perspective_asgi import PerspectiveASGIApp
 from perspective_asgi.edge import create_edge_app, edge_options_from_env
 from perspective_asgi.replica import Replica
 
-from ._client import perspective_client
-from ._servers import serve_in_thread, uvicorn_main
-from .test_cli import Server, command, environment, free_port, run
+from ._helpers import (
+    SCENARIO_TIMEOUT,
+    ServerProcess,
+    command,
+    connect,
+    environment,
+    free_port,
+    in_thread,
+)
+from ._servers import serve_in_background, uvicorn_main
+
+pytestmark = pytest.mark.anyio
 
 IDS = 2_000
 #: perspective-python 4 has no view.on_remove: removals reach edges only on resynchronisation.
@@ -35,10 +46,18 @@ def write_ticks(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def start(args: list[str], tmp_path: Path, port: int | None = None) -> Server:
+async def start(args: list[str], tmp_path: Path, port: int | None = None) -> ServerProcess:
+    """Start ``perspective-asgi`` with ``args`` on ``port`` (or a free one); return it once
+    it listens."""
     port = port or free_port()
-    server = Server([*args, "--port", str(port)], port, tmp_path, environment())
-    server.wait_listening()
+    server = ServerProcess(
+        [*args, "--port", str(port)], port, tmp_path, env=environment(), cwd=tmp_path
+    )
+    try:
+        await in_thread(server.wait_listening)
+    except BaseException:
+        server.kill()
+        raise
     return server
 
 
@@ -51,20 +70,35 @@ def readiness(port: int) -> tuple[int, dict[str, Any]]:
         return error.code, json.loads(error.read())
 
 
-def wait_for_status(port: int, status: int, timeout: float = 30.0) -> dict[str, Any]:
+def wait_for_status(server: ServerProcess, status: int, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll the ``/readyz`` of ``server`` (another process: it has no event to wait on) until
+    it answers ``status``; return the body. Fails if the process exits first."""
     deadline = time.monotonic() + timeout
     while True:
-        code, body = readiness(port)
+        code, body = readiness(server.port)
         if code == status:
             return body
         if time.monotonic() > deadline:
-            pytest.fail(f"/readyz on {port} answered {code}, not {status}, for {timeout} s: {body}")
-        time.sleep(0.1)
+            pytest.fail(
+                f"/readyz on {server.port} answered {code}, not {status}, for {timeout} s: {body}"
+            )
+        # Waiting on the process is the pause between polls, and notices an early exit.
+        try:
+            exit_code = server.popen.wait(0.1)
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.fail(f"exited with {exit_code} while waiting for /readyz:\n{server.stderr}")
+
+
+async def status_of(server: ServerProcess, status: int, timeout: float = 30.0) -> dict[str, Any]:
+    """``wait_for_status`` without blocking the event loop."""
+    body: dict[str, Any] = await in_thread(wait_for_status, server, status, timeout)
+    return body
 
 
 async def rows(url: str, table: str = "ticks") -> dict[str, list[Any]]:
-    async with perspective_client(url) as (client, _):
-        source = await client.open_table(table)
+    async with connect(url) as conn:
+        source = await conn.client.open_table(table)
         # Columns named: a DuckDB virtual server has no default column list.
         columns = list(await source.schema())
         view = await source.view(columns=columns, sort=[["id", "asc"]])
@@ -75,37 +109,42 @@ async def rows(url: str, table: str = "ticks") -> dict[str, list[Any]]:
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
-    """Wait until ``check()`` is true; return the seconds it took."""
+    """Wait until ``check()`` is true; return the seconds it took.
+
+    A poll, not a wait on an event: what it checks is a replica's copy of a table, which
+    signals nothing when it catches up (and, for the edge processes, lives in another process).
+    """
     started = time.monotonic()
     while not await check():
         if time.monotonic() - started > timeout:
             pytest.fail(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.05)
+        await anyio.sleep(0.05)
     return time.monotonic() - started
 
 
-def test_two_edges_follow_recover_and_survive_each_other(tmp_path: Path) -> None:
+async def test_two_edges_follow_recover_and_survive_each_other(tmp_path: Path) -> None:
     data = tmp_path / "ticks.csv"
     write_ticks(data)
     up_port = free_port()
-    upstream = start(command("serve", str(data), "--no-demo", "--index", "id"), tmp_path, up_port)
-    edges: list[Server] = []
+    serve = command("serve", str(data), "--no-demo", "--index", "id")
+    upstream = await start(serve, tmp_path, up_port)
+    edges: list[ServerProcess] = []
     try:
-        edges = [start(command("edge", upstream.url), tmp_path) for _ in range(2)]
+        edges = [await start(command("edge", upstream.url), tmp_path) for _ in range(2)]
         for edge in edges:
-            status = wait_for_status(edge.port, 200)
+            status = await status_of(edge, 200)
             assert status["tables"]["ticks"]["synced"] is True
 
-        async def follow_a_burst() -> None:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
             async with (
-                perspective_client(upstream.url) as (up, _),
-                perspective_client(edges[0].url) as (e0, _),
-                perspective_client(edges[1].url) as (e1, _),
+                connect(upstream.url) as up,
+                connect(edges[0].url) as e0,
+                connect(edges[1].url) as e1,
             ):
-                source = await up.open_table("ticks")
+                source = await up.client.open_table("ticks")
                 seen: list[asyncio.Event] = []
-                for client in (e0, e1):
-                    replica = await client.open_table("ticks")
+                for conn in (e0, e1):
+                    replica = await conn.client.open_table("ticks")
                     assert replica.get_index() == "id"
                     view = await replica.view(filter=[["id", "==", 0]], columns=["price"])
                     arrived = asyncio.Event()
@@ -137,41 +176,40 @@ def test_two_edges_follow_recover_and_survive_each_other(tmp_path: Path) -> None
 
                     await eventually(same, 60, f"edge {edge.port} has the upstream's rows")
 
-        run(follow_a_burst())
-
         # The upstream goes away: edges keep serving the last state, and are not ready.
         upstream.kill()
         for edge in edges:
-            body = wait_for_status(edge.port, 503, timeout=10)
+            body = await status_of(edge, 503, timeout=10)
             assert body["connected"] is False
-        served = run(rows(edges[0].url))
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            served = await rows(edges[0].url)
         assert len(served["id"]) > IDS - 200
 
         # It comes back (from its file: the burst is gone): the edges resynchronise to it.
-        upstream = start(command("serve", str(data), "--no-demo", "--index", "id"), tmp_path,
-                         up_port)
+        upstream = await start(serve, tmp_path, up_port)
         for edge in edges:
-            body = wait_for_status(edge.port, 200, timeout=30)
+            body = await status_of(edge, 200, timeout=30)
             assert body["tables"]["ticks"]["snapshots"] == 2
-        fresh = run(rows(upstream.url))
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            fresh = await rows(upstream.url)
         assert len(fresh["id"]) == IDS
         for edge in edges:
-            assert run(rows(edge.url)) == fresh
+            with anyio.fail_after(SCENARIO_TIMEOUT):
+                assert await rows(edge.url) == fresh
 
         # Killing one edge does not affect the other.
         edges[0].kill()
 
-        async def other_edge_still_follows() -> None:
-            async with perspective_client(upstream.url) as (up, _):
-                await (await up.open_table("ticks")).update([{"id": 5, "price": 55.5}])
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(upstream.url) as up:
+                await (await up.client.open_table("ticks")).update([{"id": 5, "price": 55.5}])
 
             async def updated() -> bool:
                 return (await rows(edges[1].url))["price"][5] == 55.5
 
             await eventually(updated, 10, "the remaining edge follows the upstream")
 
-        run(other_edge_still_follows())
-        assert readiness(edges[1].port)[0] == 200
+        assert (await in_thread(readiness, edges[1].port))[0] == 200
     finally:
         for server in [upstream, *edges]:
             server.kill()
@@ -186,51 +224,57 @@ def upstream_connections(port: int) -> float:
     return 0.0
 
 
-def test_each_edge_worker_is_its_own_replica(tmp_path: Path) -> None:
+async def test_each_edge_worker_is_its_own_replica(tmp_path: Path) -> None:
     data = tmp_path / "ticks.csv"
     write_ticks(data)
-    upstream = start(command("serve", str(data), "--no-demo", "--index", "id"), tmp_path)
-    edge: Server | None = None
+    upstream = await start(command("serve", str(data), "--no-demo", "--index", "id"), tmp_path)
+    edge: ServerProcess | None = None
     try:
-        edge = start(command("edge", upstream.url, "--workers", "2"), tmp_path)
-        deadline = time.monotonic() + 30
-        while upstream_connections(upstream.port) < 2:
-            assert time.monotonic() < deadline, "two workers, two upstream subscribers"
-            time.sleep(0.1)
-        wait_for_status(edge.port, 200)
-        assert len(run(rows(edge.url))["id"]) == IDS
-        time.sleep(0.5)
-        assert upstream_connections(upstream.port) == 2
-        edge.stop()  # SIGTERM: the supervisor stops its workers (SIGKILL would orphan them)
+        edge = await start(command("edge", upstream.url, "--workers", "2"), tmp_path)
+
+        async def two_subscribers() -> bool:
+            return await in_thread(upstream_connections, upstream.port) >= 2
+
+        await eventually(two_subscribers, 30, "two workers, two upstream subscribers")
+        await status_of(edge, 200)
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            assert len((await rows(edge.url))["id"]) == IDS
+        # Idle on purpose: no worker opens a third upstream connection in the meantime.
+        await anyio.sleep(0.5)
+        assert await in_thread(upstream_connections, upstream.port) == 2
+        # SIGTERM: the supervisor stops its workers (SIGKILL would orphan them).
+        await in_thread(edge.stop_cleanly)
     finally:
         for server in (upstream, edge):
             if server is not None:
                 server.kill()
 
 
-def test_a_duckdb_file_served_through_an_edge(tmp_path: Path) -> None:
+async def test_a_duckdb_file_served_through_an_edge(tmp_path: Path) -> None:
     duckdb = pytest.importorskip("duckdb")
     path = tmp_path / "shop.duckdb"
     with duckdb.connect(str(path)) as db:
         db.execute("CREATE TABLE sales AS SELECT CAST(range AS INTEGER) AS id, "
                    "CAST(range * 1.5 AS DOUBLE) AS amount FROM range(5000)")
-    upstream = start(command("serve", str(path)), tmp_path)
-    edge: Server | None = None
+    upstream = await start(command("serve", str(path)), tmp_path)
+    edge: ServerProcess | None = None
     try:
         # Name the tables: a DuckDB server also lists a temporary table per open view.
-        edge = start(command("edge", upstream.url, "--tables", "shop.sales"), tmp_path)
-        status = wait_for_status(edge.port, 200)
+        edge = await start(command("edge", upstream.url, "--tables", "shop.sales"), tmp_path)
+        status = await status_of(edge, 200)
         assert list(status["tables"]) == ["shop.sales"]
-        direct = run(rows(upstream.url, "shop.sales"))
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            direct = await rows(upstream.url, "shop.sales")
         assert len(direct["id"]) == 5000
-        assert run(rows(edge.url, "shop.sales")) == direct
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            assert await rows(edge.url, "shop.sales") == direct
     finally:
         for server in (upstream, edge):
             if server is not None:
                 server.kill()
 
 
-def test_edge_follows_new_tables_and_named_tables_only(tmp_path: Path) -> None:
+async def test_edge_follows_new_tables_and_named_tables_only(tmp_path: Path) -> None:
     upstream_server = perspective.Server()
     upstream_server.new_local_client().table({"a": [1, 2]}, name="first")
 
@@ -243,8 +287,8 @@ def test_edge_follows_new_tables_and_named_tables_only(tmp_path: Path) -> None:
             local = everything.server.new_local_client()
             assert local.get_hosted_table_names() == ["first"]
             assert not only_second.ready  # "second" does not exist upstream yet
-            async with perspective_client(url) as (client, _):
-                await client.table({"b": [1, 2, 3]}, name="second", limit=5)
+            async with connect(url) as conn:
+                await conn.client.table({"b": [1, 2, 3]}, name="second", limit=5)
 
             async def both_have_second() -> bool:
                 return all(
@@ -264,12 +308,13 @@ def test_edge_follows_new_tables_and_named_tables_only(tmp_path: Path) -> None:
             await asyncio.gather(*runs, return_exceptions=True)
 
     main = uvicorn_main(PerspectiveASGIApp(upstream_server), ws_max_size=2**30)
-    with serve_in_thread(main) as url:
-        run(scenario(url))
+    async with serve_in_background(main) as url:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            await scenario(url)
 
 
 @pytest.mark.skipif(not REMOVES_REPLICATE, reason="perspective-python 4 has no view.on_remove")
-def test_removals_replace_and_clear_reach_the_replica() -> None:
+async def test_removals_replace_and_clear_reach_the_replica() -> None:
     upstream_server = perspective.Server()
     source = upstream_server.new_local_client().table(
         {"id": [1, 2, 3], "v": [1.0, 2.0, 3.0]}, name="t", index="id"
@@ -307,8 +352,9 @@ def test_removals_replace_and_clear_reach_the_replica() -> None:
             await asyncio.gather(task, return_exceptions=True)
 
     main = uvicorn_main(PerspectiveASGIApp(upstream_server), ws_max_size=2**30)
-    with serve_in_thread(main) as url:
-        run(scenario(url))
+    async with serve_in_background(main) as url:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            await scenario(url)
 
 
 def test_edge_options_from_the_environment() -> None:
