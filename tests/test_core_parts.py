@@ -14,7 +14,15 @@ import perspective
 import pytest
 
 from perspective_asgi import Policy, SessionObserver, Settings
-from perspective_asgi._core.costs import BUDGET, COOLDOWN, MAX_FRAME, PROOF, CostBook
+from perspective_asgi._core.costs import (
+    BUDGET,
+    COOLDOWN,
+    MAX_FRAME,
+    PROOF,
+    THREAD_WALL_LIMIT,
+    CostBook,
+    loop_cost,
+)
 from perspective_asgi._core.guards import GuardChain
 from perspective_asgi._core.hosted import GateState, HostedTablesGate, HostedTablesProbe
 from perspective_asgi._core.outbox import Outbox, OutboxState
@@ -370,3 +378,10 @@ async def test_a_small_view_moves_to_the_loop_and_a_large_update_never_does() ->
         await runner.run(b"update", 33, "small")
     assert runner.runs_inline(33, "small", MAX_FRAME)
     assert not runner.runs_inline(33, "small", MAX_FRAME + 1)  # its rows decide its cost
+
+
+def test_a_thread_run_costs_its_cpu_time_unless_it_ran_long() -> None:
+    # Waiting for the engine's lock or a core is not what it would cost the loop...
+    assert loop_cost(wall=THREAD_WALL_LIMIT, cpu=BUDGET / 2) == BUDGET / 2
+    # ...but a long run may have computed on the engine's own threads.
+    assert loop_cost(wall=THREAD_WALL_LIMIT * 2, cpu=BUDGET / 2) == THREAD_WALL_LIMIT * 2

@@ -11,6 +11,12 @@ cost of recent requests of the same kind on the same table decides:
 * one that takes longer anywhere (in a thread or on the loop) sends that kind on that table
   back to threads for ``COOLDOWN`` seconds, and it must prove itself again.
 
+What a request run in a thread would cost the loop is its thread's CPU time, not its wall
+time: in a thread it may wait for the engine's lock, or for a core while other connections'
+requests run, and on the loop it would not. But the engine may also compute on threads of its
+own, which that thread's CPU time does not see; so a run in a thread that took longer than
+``THREAD_WALL_LIMIT`` counts at its wall time. On the loop, wall time is the cost.
+
 Frames larger than ``MAX_FRAME`` never run on the loop: what they carry (an update's rows)
 decides their cost, not the table.
 """
@@ -24,6 +30,8 @@ from collections.abc import Callable
 #: Engine seconds under which a request counts as cheap. The loop can afford a stall of this
 #: much now and then: it is below a client's ping jitter.
 BUDGET = 0.001
+#: Wall seconds past which a run in a thread counts at its wall time, not its CPU time.
+THREAD_WALL_LIMIT = 0.01
 #: Cheap runs in a row before a kind runs on the loop.
 PROOF = 3
 #: Seconds a kind stays in threads after one run over budget.
@@ -34,6 +42,12 @@ MAX_FRAME = 16 * 1024
 MAX_KEYS = 4096
 
 Key = tuple[int, str]
+
+
+def loop_cost(wall: float, cpu: float) -> float:
+    """What a request that ran in a thread for ``wall`` seconds, ``cpu`` of them on that
+    thread, would have cost the event loop."""
+    return cpu if wall <= THREAD_WALL_LIMIT else wall
 
 
 class CostBook:

@@ -34,7 +34,7 @@ from .._codes import CloseCode
 from .._config import Settings
 from .._exceptions import ProtocolError
 from . import registry
-from .costs import MAX_FRAME, CostBook, Key, cost_book
+from .costs import MAX_FRAME, CostBook, Key, cost_book, loop_cost
 
 logger = logging.getLogger("perspective_asgi")
 
@@ -137,7 +137,7 @@ class RequestRunner:
         # Cheap kinds cost microseconds whatever the table: only the others are measured.
         key = None if kind is None or kind in self._inline_kinds else (kind, table)
         if self.runs_inline(kind, table, len(data)):
-            self._timed(data, key)
+            self._timed(data, key, on_loop=True)
         else:
             await self._run_in_thread(data, key)
 
@@ -169,7 +169,7 @@ class RequestRunner:
                 return  # given up on before it started; the session may be closed already
             self._handoff = Handoff.IN_ENGINE
         try:
-            self._timed(data, key)
+            self._timed(data, key, on_loop=False)
         finally:
             with self._lock:
                 close_now = self._handoff is Handoff.CLOSE_ON_RETURN
@@ -177,15 +177,16 @@ class RequestRunner:
             if close_now:
                 self._close_now()
 
-    def _timed(self, data: bytes, key: Key | None) -> None:
+    def _timed(self, data: bytes, key: Key | None, on_loop: bool) -> None:
         if key is None or self._costs is None:
             self._handle(data)
             return
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.thread_time()
         try:
             self._handle(data)
         finally:
-            self._costs.record(key, time.perf_counter() - started)
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            self._costs.record(key, wall if on_loop else loop_cost(wall, cpu))
 
     def _handle(self, data: bytes) -> None:
         try:
