@@ -31,6 +31,7 @@ from perspective_asgi import (
 from perspective_asgi._codes import QUIET_CLOSE_CODES
 from perspective_asgi._core.wire import CHEAP_REQUEST_KINDS, read_envelope
 from perspective_asgi._types import Frame
+from perspective_asgi.polling import PollCoalescer
 
 from ._frames import capture, length_delimited
 from ._helpers import WAIT, MemoryTransport, NewTransport, serving
@@ -357,6 +358,34 @@ async def test_update_from_a_foreign_thread_reaches_the_transport(
     assert factory.reply_thread(msg_id(frames.on_update)) == writer_thread[0]
     assert writer_thread[0] != threading.get_ident()
     await assert_closed_once(factory)
+
+
+@ASYNCIO_ONLY
+async def test_updates_polled_on_the_loop_reach_the_transport(
+    frames: Frames, new_transport: NewTransport
+) -> None:
+    # A PollCoalescer computes notifications in loop callbacks, outside any task: the drain
+    # they start must still run (a drain started there once failed silently).
+    coalescer = PollCoalescer()
+    server = perspective.Server(on_poll_request=coalescer.request_poll)
+    server.new_local_client().table(DEMO_ROWS, name="demo", index="id")
+    transport = new_transport()
+    bridge = SessionBridge(server)
+    async with coalescer, serving(bridge, transport):
+        await transport.feed(frames.make_view, frames.on_update, frames.size)
+        assert msg_id(await transport.next_reply()) == msg_id(frames.make_view)
+        assert msg_id(await transport.next_reply()) == msg_id(frames.size)
+        for value in (9.5, 10.5):
+            writer = threading.Thread(
+                target=lambda value=value: server.new_local_client().open_table("demo").update(
+                    {"id": [5], "name": [f"v{value}"], "group": ["x"], "value": [value]}
+                )
+            )
+            writer.start()
+            await anyio.to_thread.run_sync(writer.join, WAIT)
+            reply = await transport.next_reply()
+            assert msg_id(reply) == msg_id(frames.on_update)
+            assert f"v{value}".encode() in reply
 
 
 @pytest.mark.parametrize("path", ["inline", "thread"])

@@ -20,7 +20,6 @@ import enum
 import itertools
 import logging
 import sys
-import threading
 import time
 from collections import deque
 from typing import Any, NamedTuple
@@ -85,7 +84,7 @@ class SessionBridge:
 
     __slots__ = (
         "__weakref__", "_closing", "_drained", "_engine", "_finished", "_gate", "_guards",
-        "_handoff", "_inbox", "_inbox_space", "_last_received", "_limiter", "_loop_thread",
+        "_handoff", "_inbox", "_inbox_space", "_last_received", "_limiter",
         "_observer", "_outbox", "_runner", "_tasks", "_transport", "close_code", "factory",
         "loop", "name", "principal", "settings", "state",
     )
@@ -121,8 +120,7 @@ class SessionBridge:
         self._runner: RequestRunner | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._transport: Transport | None = None
-        self._handoff: Any = None
-        self._loop_thread = 0
+        self._handoff: registry.LoopHandle | None = None
         # Made while there is work, dropped after it:
         #: Requests waiting for the worker; the worker runs exactly while this is not None.
         self._inbox: deque[tuple[bytes, Envelope]] | None = None
@@ -152,8 +150,8 @@ class SessionBridge:
                 f"SessionBridge.run() called on a {self.state.value} connection; "
                 "expected a new one"
             )
-        self._loop_thread = threading.get_ident()
-        self.loop, self._handoff = registry.current_loop()
+        self._handoff = registry.LoopHandle()
+        self.loop = self._handoff.loop
         registry.add(self)
         try:
             await self._admit(transport)
@@ -429,10 +427,8 @@ class SessionBridge:
             self._call_on_loop(self._start_drain)
 
     def _call_on_loop(self, callback: Any) -> None:
-        if threading.get_ident() == self._loop_thread:
-            callback()
-        else:
-            self._handoff(callback)
+        assert self._handoff is not None
+        self._handoff.call(callback)
 
     def _start_drain(self) -> None:
         """On the loop: start draining the outbox, or close if it overflowed."""

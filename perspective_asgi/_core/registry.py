@@ -7,7 +7,6 @@ event loops, as in tests) in one process never share a limit by accident.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -23,8 +22,6 @@ try:
 except ImportError:  # anyio without sniffio detects asyncio by its running loop
     sniffio = None  # type: ignore[assignment]
 
-
-
 class Served(Protocol):
     """What the registry needs of a connection (a ``SessionBridge``)."""
 
@@ -39,23 +36,60 @@ class Served(Protocol):
     async def wait_closed(self) -> None: ...
 
 
-def current_loop() -> tuple[object, Callable[[Callable[[], None]], object]]:
-    """Return the running event loop (or trio token) and a way to call into it from any thread.
+class LoopHandle:
+    """The event loop (or trio token) a connection runs on, and how to call into it.
 
-    The callbacks may start tasks in an anyio task group.
+    Callbacks run through it may start tasks in an anyio task group, whether they run in a
+    task or not.
     """
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        import trio  # the only other backend anyio runs on
 
-        token = trio.lowlevel.current_trio_token()
-        return token, lambda callback: token.run_sync_soon(callback)
-    # A loop callback runs in no task, where anyio cannot tell which library runs it; tell it.
-    context = contextvars.copy_context()
-    if sniffio is not None:
-        context.run(sniffio.current_async_library_cvar.set, "asyncio")
-    return loop, lambda callback: loop.call_soon_threadsafe(callback, context=context)
+    __slots__ = ("_thread", "loop")
+
+    def __init__(self) -> None:
+        self._thread = threading.get_ident()
+        try:
+            self.loop: object = asyncio.get_running_loop()
+        except RuntimeError:
+            import trio  # the only other backend anyio runs on
+
+            self.loop = trio.lowlevel.current_trio_token()
+
+    def call(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` on the loop: now on the loop's thread, soon from any other."""
+        loop = self.loop
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            if threading.get_ident() == self._thread:
+                _as_asyncio(callback)
+            else:
+                loop.call_soon_threadsafe(_as_asyncio, callback)
+        elif threading.get_ident() == self._thread:
+            callback()
+        else:
+            loop.run_sync_soon(callback)  # type: ignore[attr-defined]
+
+
+def _as_asyncio(callback: Callable[[], object]) -> None:
+    # A loop callback that runs in no task (Perspective's, a PollCoalescer's, ours handed over
+    # from a thread) is somewhere anyio cannot tell which library runs it: tell it.
+    if sniffio is None or asyncio.current_task() is not None:
+        callback()
+        return
+    previous = getattr(sniffio.thread_local, "name", None)
+    sniffio.thread_local.name = "asyncio"
+    try:
+        callback()
+    finally:
+        sniffio.thread_local.name = previous
+
+
+def current_loop() -> object:
+    """The running event loop, or trio token."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        return trio.lowlevel.current_trio_token()
 
 
 # Running connections --------------------------------------------------------------------------
@@ -90,7 +124,7 @@ async def close_all_connections(
     For servers that leave open websockets to the application at shutdown (Tornado,
     aiohttp): call it from the shutdown hook so clients get a 1001 and sessions are closed.
     """
-    here, _ = current_loop()
+    here = current_loop()
     bridges = [bridge for bridge in running() if bridge.loop is here]
     for bridge in bridges:
         bridge.close(code, reason)
