@@ -6,6 +6,7 @@ its states and its edge cases, with no transport at all.
 
 from __future__ import annotations
 
+import platform
 import threading
 from typing import Any
 
@@ -14,6 +15,7 @@ import perspective
 import pytest
 
 from perspective_asgi import Policy, SessionObserver, Settings
+from perspective_asgi._core import memory
 from perspective_asgi._core.costs import (
     BUDGET,
     COOLDOWN,
@@ -385,3 +387,13 @@ def test_a_thread_run_costs_its_cpu_time_unless_it_ran_long() -> None:
     assert loop_cost(wall=THREAD_WALL_LIMIT, cpu=BUDGET / 2) == BUDGET / 2
     # ...but a long run may have computed on the engine's own threads.
     assert loop_cost(wall=THREAD_WALL_LIMIT * 2, cpu=BUDGET / 2) == THREAD_WALL_LIMIT * 2
+
+
+# Memory ------------------------------------------------------------------------------------
+
+
+def test_large_sends_trim_the_allocator_and_small_ones_do_not() -> None:
+    if platform.libc_ver()[0] == "glibc":
+        assert memory._trim is not None  # found on glibc, where arenas hold freed replies
+    assert memory.release_after_send(memory.TRIM_AFTER - 1) is False
+    assert memory.release_after_send(memory.TRIM_AFTER) is (memory._trim is not None)

@@ -19,7 +19,7 @@ FRAMEWORKS = frozenset({
 })
 
 #: Core modules that do no I/O: they must not import anyio (nor asyncio or trio).
-PURE_CORE = ("wire", "guards", "policy", "views", "limits", "outbox")
+PURE_CORE = ("wire", "guards", "policy", "views", "limits", "outbox", "costs", "memory")
 
 MAX_CLASS_LINES = 400
 MAX_FUNCTION_LINES = 50

@@ -36,6 +36,7 @@ from . import registry
 from .guards import GuardChain
 from .hosted import HostedTablesGate, HostedTablesProbe
 from .limits import connection_slots
+from .memory import release_after_send
 from .outbox import Outbox, OutboxState
 from .policy import resolve_policy
 from .runner import EngineKind, RequestRunner, default_limiter
@@ -450,8 +451,11 @@ class SessionBridge:
         """Send what the outbox holds until it is empty; only the outbox's drainer calls it."""
         outbox, observer = self._outbox, self._observer
         while (data := outbox.take()) is not None:
+            size = len(data)
             await transport.send(data)
-            observer.message_sent(len(data))
+            del data  # the last reference: a large reply's memory is free before the trim
+            observer.message_sent(size)
+            release_after_send(size)
         if self._drained is not None:
             self._drained.set()
             self._drained = None
