@@ -17,7 +17,9 @@ It reads as a pipeline, one module a stage::
                                                                   only if visible)
 
 ``bridge.py`` owns a connection's lifecycle and its loops; ``registry.py`` the process-wide
-state shared by connections (running bridges, thread limiters, busy engines); ``limits.py``
-connection slots and the token bucket. Nothing here imports a web framework, and nothing
+state shared by connections (running bridges, thread limiters, busy engines); ``costs.py``
+what requests have cost each engine, which decides what ``runner.py`` runs on the loop;
+``limits.py`` connection slots and the token bucket; ``memory.py`` the allocator trim after
+large messages. Nothing here imports a web framework, and nothing
 imported from this package's ``__init__``: import the module you need.
 """
