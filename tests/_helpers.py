@@ -53,7 +53,7 @@ DEMO_ROWS = {
 
 
 class CountingSession:
-    """Forwards to a Perspective session and tells its factory when it is closed."""
+    """Forwards to a Perspective session; tells its factory of each request and of the close."""
 
     def __init__(self, factory: CountingFactory, session: Any) -> None:
         self._factory = factory
@@ -111,7 +111,7 @@ class CountingFactory:
             self._changed.notify_all()
 
     def wait_opened(self, count: int, timeout: float = WAIT) -> bool:
-        """Wait until at least ``count`` sessions are open; return whether they were."""
+        """Wait until at least ``count`` sessions have been opened; return whether they were."""
         with self._changed:
             return self._changed.wait_for(
                 lambda: self.opened + self.without_close >= count, timeout
