@@ -262,7 +262,8 @@ class SessionBridge:
             self._closing = closing or self._closing
         await self._release()
         if not peer_gone:
-            await self._close_transport(transport, self._closing or _Close(1001, ""))
+            closing = self._closing or _Close(CloseCode.GOING_AWAY, "")
+            await self._close_transport(transport, closing)
         if self.close_code in QUIET_CLOSE_CODES:
             logger.debug("%s: closed with %s", self.name, self.close_code)
         elif peer_gone:
