@@ -23,7 +23,9 @@ from perspective_asgi._core.costs import (
     PROOF,
     THREAD_WALL_LIMIT,
     CostBook,
+    close_book,
     loop_cost,
+    open_book,
 )
 from perspective_asgi._core.guards import GuardChain
 from perspective_asgi._core.hosted import GateState, HostedTablesGate, HostedTablesProbe
@@ -215,6 +217,7 @@ async def test_inline_kinds_run_on_the_loop_and_others_in_threads() -> None:
     assert threads[0] == threading.get_ident() != threads[1]
     virtual = make_runner(Recording(), [], EngineKind.VIRTUAL)
     assert not virtual.runs_inline(8)  # a virtual server may run SQL for any request
+    runner.close_session()
 
 
 async def test_undecodable_request_of_a_virtual_server_is_the_clients_fault() -> None:
@@ -380,6 +383,21 @@ async def test_a_small_view_moves_to_the_loop_and_a_large_update_never_does() ->
         await runner.run(b"update", 33, "small")
     assert runner.runs_inline(33, "small", MAX_FRAME)
     assert not runner.runs_inline(33, "small", MAX_FRAME + 1)  # its rows decide its cost
+    runner.close_session()
+
+
+def test_an_engines_book_ends_with_its_last_session() -> None:
+    # Engines take no weak references and are keyed by id, which a new engine may reuse.
+    key = -12345
+    first = open_book(key)
+    assert open_book(key) is first  # a second session of the same engine shares it
+    close_book(key)
+    first.record((6, "t"), 0)
+    assert open_book(key) is first
+    close_book(key)
+    close_book(key)
+    assert open_book(key) is not first  # a new engine with that id learns from scratch
+    close_book(key)
 
 
 def test_a_thread_run_costs_its_cpu_time_unless_it_ran_long() -> None:

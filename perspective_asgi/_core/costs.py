@@ -86,14 +86,28 @@ class CostBook:
 
 
 _books_lock = threading.Lock()
-#: One book per engine (keyed by ``id``): every connection to it learns from the others.
-_books: dict[int, CostBook] = {}
+#: One book per engine, with the number of sessions using it. Engines are keyed by ``id``
+#: (they take no weak references): a book is dropped with its engine's last session, so an
+#: engine that reuses a collected one's id starts with a clean book.
+_books: dict[int, tuple[CostBook, int]] = {}
 
 
-def cost_book(engine_key: int) -> CostBook:
-    """Return the cost book of the engine ``engine_key``."""
+def open_book(engine_key: int) -> CostBook:
+    """Return the cost book of the engine ``engine_key`` for one more session."""
     with _books_lock:
-        book = _books.get(engine_key)
-        if book is None:
-            book = _books[engine_key] = CostBook()
+        book, sessions = _books.get(engine_key) or (CostBook(), 0)
+        _books[engine_key] = (book, sessions + 1)
         return book
+
+
+def close_book(engine_key: int) -> None:
+    """One session of the engine ``engine_key`` has ended."""
+    with _books_lock:
+        entry = _books.get(engine_key)
+        if entry is None:
+            return
+        book, sessions = entry
+        if sessions > 1:
+            _books[engine_key] = (book, sessions - 1)
+        else:
+            del _books[engine_key]

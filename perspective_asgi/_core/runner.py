@@ -34,7 +34,7 @@ from .._codes import CloseCode
 from .._config import Settings
 from .._exceptions import ProtocolError
 from . import registry
-from .costs import MAX_FRAME, CostBook, Key, cost_book, loop_cost
+from .costs import MAX_FRAME, CostBook, Key, close_book, loop_cost, open_book
 
 logger = logging.getLogger("perspective_asgi")
 
@@ -111,7 +111,7 @@ class RequestRunner:
         self._inline_kinds = inline_kinds if kind is EngineKind.SERVER else frozenset()
         #: What requests have cost this engine, shared by its connections (in-memory only).
         self._costs: CostBook | None = (
-            cost_book(engine_key) if kind is EngineKind.SERVER else None
+            open_book(engine_key) if kind is EngineKind.SERVER else None
         )
         self._limiter = limiter
         self._executor = executor
@@ -214,6 +214,8 @@ class RequestRunner:
         return self._close_now()
 
     def _close_now(self) -> Awaitable[Any] | None:
+        if self._costs is not None:
+            close_book(self._engine_key)
         close: Callable[[], Any] | None = getattr(self._session, "close", None)
         if close is None:
             self._on_closed()  # virtual server sessions before 5.6 have nothing to release
