@@ -60,7 +60,15 @@ async def refuse_handshake(scope: Scope, send: Send, refusal: Refusal) -> None:
 
 
 class ASGITransport:
-    """A ``Transport`` over an accepted ASGI websocket's ``receive`` and ``send``."""
+    """A ``Transport`` over an accepted ASGI websocket's ``receive`` and ``send``.
+
+    It has no ``abort``: ASGI gives the application no hold on the TCP connection, and the
+    server completes the closing handshake itself after ``websocket.close``. Neither uvicorn
+    nor hypercorn resets a peer that stopped reading: uvicorn's ``websocket.close`` waits
+    until the transport is writable again, hypercorn's drains it, and once the application
+    has returned both close the socket the ordinary way, whose FIN waits behind the bytes
+    already queued (SECURITY.md, "Slow readers").
+    """
 
     def __init__(
         self,

@@ -7,7 +7,9 @@
     app.on_shutdown.append(lambda app: perspective_asgi.close_all_connections())
 
 aiohttp cancels websocket handlers that are still running at shutdown, which the client sees
-as 1006; the ``on_shutdown`` hook closes them first with 1001 (going away).
+as 1006; the ``on_shutdown`` hook closes them first with 1001 (going away). It returns once each
+client has ended its side of the connection, or, for a client that does not, once
+``Settings.close_timeout`` has passed and the connection was reset.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from .._core.bridge import SessionBridge
 from .._exceptions import ConnectionClosed, ProtocolError
 from .._types import Frame, SessionFactory
 from ._handshake import Refusal, authenticate_handshake, refuse_origin
+from ._tcp import reset_on_close
 
 
 class _AIOHTTPTransport:
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self._ws = ws
+        self._request = request
 
     async def receive(self) -> Frame:
         message = await self._ws.receive()
@@ -55,8 +59,37 @@ class _AIOHTTPTransport:
             raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, "connection lost") from exc
 
     async def close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(ConnectionError):
-            await self._ws.close(code=code, message=reason.encode())
+        """Send the close frame, end our side of the TCP connection after it, and wait until
+        the peer answers or ends its own side."""
+        # Runs as soon as ws.close() first waits, by which time it has written the frame.
+        half_close = asyncio.get_running_loop().call_soon(self._end_writing)
+        try:
+            with contextlib.suppress(ConnectionError):
+                # drain=False: the peer's answer comes only after the frame went out anyway,
+                # and aiohttp's drain awaits one future per connection, which is cancelled for
+                # good once a send blocked on a stalled peer was: draining would raise
+                # CancelledError at once, and the connection would never be reset.
+                await self._ws.close(code=code, message=reason.encode(), drain=False)
+        finally:
+            half_close.cancel()
+
+    def _end_writing(self) -> None:
+        # ws.close() waits for the peer's close frame, but once aiohttp's shutdown has begun
+        # (RequestHandler.close(), before on_shutdown runs) it drops everything the peer
+        # sends, so that frame never arrives. The peer's end of TCP does: send our FIN after
+        # the close frame, and the peer, having answered, closes its side too. TLS transports
+        # cannot half-close; they wait for the frame, at most close_timeout.
+        transport = self._request.transport
+        if self._ws.closed and transport is not None and transport.can_write_eof():
+            transport.write_eof()
+
+    def abort(self) -> None:
+        """Reset the TCP connection now (a peer that stopped reading holds it otherwise)."""
+        transport = self._request.transport
+        if transport is None:
+            return
+        reset_on_close(transport.get_extra_info("socket"))
+        transport.abort()
 
 
 _REFUSALS: dict[int, type[web.HTTPException]] = {
@@ -117,5 +150,5 @@ class PerspectiveAIOHTTPHandler:
         self.bridge = SessionBridge(
             self.perspective_server, self.settings, peer=peer, principal=principal
         )
-        await self.bridge.run(_AIOHTTPTransport(ws))
+        await self.bridge.run(_AIOHTTPTransport(ws, request))
         return ws

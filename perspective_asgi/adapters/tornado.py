@@ -6,7 +6,9 @@ It takes the same ``initialize`` arguments (``perspective_server``, ``loop``, ``
     (r"/websocket", PerspectiveTornadoHandler, {"perspective_server": server})
 
 Tornado hands websocket streams over to their handlers, so stopping the ``HTTPServer`` leaves
-them open: await ``perspective_asgi.close_all_connections()`` when shutting down.
+them open: await ``perspective_asgi.close_all_connections()`` when shutting down. It returns once
+each client has answered its close frame and Tornado has closed the socket, or, for a client
+that does not answer, once ``Settings.close_timeout`` has passed and the connection was reset.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import anyio
 import anyio.abc
 import perspective
 from tornado.ioloop import IOLoop
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.web import HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
@@ -30,6 +32,12 @@ from .._core.bridge import SessionBridge
 from .._exceptions import ConnectionClosed
 from .._types import Frame, SessionFactory
 from ._handshake import Refusal, authenticate_handshake, refuse_origin
+from ._tcp import reset_on_close
+
+#: Tornado closes the socket itself this long after a close frame the peer has not answered
+#: (``WebSocketProtocol13.close``), the ordinary way, which a peer that stopped reading never
+#: sees (see ``_tcp``).
+_TORNADO_CLOSE_WAIT = 5.0
 
 
 class _TornadoTransport:
@@ -40,6 +48,9 @@ class _TornadoTransport:
         # Unbuffered: on_message waits until the core takes each frame, and Tornado does not
         # read the next frame meanwhile, so a fast client is held back by TCP.
         self.inbox_send, self._inbox = anyio.create_memory_object_stream[Frame](0)
+        #: Set by ``on_close``: Tornado has closed the socket.
+        self._closed = anyio.Event()
+        self._stream: IOStream | None = None
 
     async def receive(self) -> Frame:
         try:
@@ -60,11 +71,34 @@ class _TornadoTransport:
             raise ConnectionClosed(1006, "connection lost while sending") from exc
 
     async def close(self, code: int, reason: str) -> None:
-        self._handler.close(code, reason)
+        """Send the close frame and wait until Tornado has closed the socket, which it does
+        when the peer answers: a shutdown that awaits the core then ends with the connections,
+        instead of leaving them open to whoever collects the stream later."""
+        handler = self._handler
+        protocol = handler.ws_connection
+        if protocol is not None:
+            self._stream = protocol.stream  # handler.close() forgets the protocol
+        # Scheduled before Tornado's own timer (below), so it runs first: Tornado's close
+        # then finds a socket that has already been reset.
+        fallback = asyncio.get_running_loop().call_later(_TORNADO_CLOSE_WAIT, self.abort)
+        handler.close(code, reason)
+        try:
+            await self._closed.wait()
+        finally:
+            fallback.cancel()
+
+    def abort(self) -> None:
+        """Reset the TCP connection now (a peer that stopped reading holds it otherwise)."""
+        stream = self._stream
+        if stream is None or stream.closed():
+            return
+        reset_on_close(stream.socket)
+        stream.close()
 
     def closed(self) -> None:
         self.inbox_send.close()
         self._inbox.close()
+        self._closed.set()
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
