@@ -4,7 +4,7 @@ Each bound is the documented one plus ``MARGIN``. A client that answers the clos
 go at once; one that stopped reading is reset ``close_timeout`` after the close, and a shutdown
 never waits longer than that (plus what the server itself waits first, ``SERVER_GRACE``). The
 stacks in ``CANNOT_ABORT`` give the application no way to reset a connection: their tests
-assert what happens there instead (SECURITY.md, "Slow readers").
+assert what happens there instead (SECURITY.md, "Not covered").
 """
 
 from __future__ import annotations

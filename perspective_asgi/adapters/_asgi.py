@@ -67,7 +67,7 @@ class ASGITransport:
     nor hypercorn resets a peer that stopped reading: uvicorn's ``websocket.close`` waits
     until the transport is writable again, hypercorn's drains it, and once the application
     has returned both close the socket the ordinary way, whose FIN waits behind the bytes
-    already queued (SECURITY.md, "Slow readers").
+    already queued (SECURITY.md, "Not covered").
     """
 
     def __init__(
