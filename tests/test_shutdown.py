@@ -127,9 +127,22 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+#: What one update of ``_push_updates`` sends a subscriber, about.
+UPDATE_BYTES = 50_000
+
+
+def _socket_buffers_bytes() -> int:
+    """The most a client's receive buffer and a server's send buffer may grow to, together."""
+    total = 0
+    for name in ("tcp_rmem", "tcp_wmem"):
+        with open(f"/proc/sys/net/ipv4/{name}") as limits:
+            total += int(limits.read().split()[-1])
+    return total
+
+
 def _push_updates(table: Any, count: int, stop: Callable[[], bool] = lambda: False) -> None:
-    # ~50 KB of row deltas per update (unique strings: Arrow's dictionary encoding would shrink
-    # repeated ones).
+    # UPDATE_BYTES of row deltas per update (unique strings: Arrow's dictionary encoding would
+    # shrink repeated ones).
     for i in range(count):
         if stop():
             return
@@ -214,9 +227,10 @@ async def test_server_shutdown_with_a_client_that_stopped_reading(
             await _subscribe(conn)
             client_socket = ClientSocket(conn.ws.transport.get_extra_info("socket"))
             conn.stop_reading()
-            # ~50 MB, more than the socket buffers of both ends hold (32 MB + 4 MB at most on
-            # Linux by default): the server is stuck behind the client when it stops.
-            await in_thread(_push_updates, local_table(perspective_server), 1000)
+            # More than the socket buffers of both ends can hold: the server is stuck behind
+            # the client when it stops.
+            count = 2 * _socket_buffers_bytes() // UPDATE_BYTES
+            await in_thread(_push_updates, local_table(perspective_server), count)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(server.stop)
                 if adapter in CANNOT_ABORT:
