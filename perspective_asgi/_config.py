@@ -98,7 +98,8 @@ class Settings:
     #: Run requests on this executor instead of anyio's worker threads (asyncio only).
     executor: concurrent.futures.Executor | None = None
 
-    #: Seconds allowed for a closing handshake before the adapter drops the connection.
+    #: Seconds allowed for a closing handshake; past it, Tornado and aiohttp reset the
+    #: connection (ASGI servers keep it: SECURITY.md).
     close_timeout: float = 5.0
 
     #: Seconds between keepalive pings, for adapters whose server does not ping by itself

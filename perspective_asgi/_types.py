@@ -24,7 +24,8 @@ class Transport(Protocol):
 
     A transport may also define ``abort()`` (synchronous, never raising): the core calls it
     when ``close`` has not finished within ``Settings.close_timeout``, to drop the TCP
-    connection of a peer that stopped reading.
+    connection of a peer that stopped reading. An ordinary close is not enough: its FIN waits
+    behind the bytes the kernel holds; reset the connection (``SO_LINGER`` 0).
     """
 
     async def receive(self) -> Frame:
