@@ -267,13 +267,6 @@ class Connection:
         if self._reader is not None:
             self._reader.cancel()
 
-    async def closed_with(self, timeout: float = 10) -> int | None:
-        """Wait until the server closes the websocket; return the close code it sent."""
-        # The client's own reader is reading the socket: wait for the close beside it.
-        with anyio.fail_after(timeout):
-            await self.ws.wait_closed()
-        return self.ws.close_code
-
 
 @contextlib.asynccontextmanager
 async def connect(
