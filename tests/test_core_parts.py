@@ -29,6 +29,7 @@ from perspective_asgi._core.costs import (
 )
 from perspective_asgi._core.guards import GuardChain
 from perspective_asgi._core.hosted import GateState, HostedTablesGate, HostedTablesProbe
+from perspective_asgi._core.idle import IdleWatch
 from perspective_asgi._core.outbox import Outbox, OutboxState
 from perspective_asgi._core.policy import resolve_policy
 from perspective_asgi._core.runner import EngineKind, Handoff, RequestRunner
@@ -415,3 +416,19 @@ def test_large_sends_trim_the_allocator_and_small_ones_do_not() -> None:
         assert memory._trim is not None  # found on glibc, where arenas hold freed replies
     assert memory.release_after_send(memory.TRIM_AFTER - 1) is False
     assert memory.release_after_send(memory.TRIM_AFTER) is (memory._trim is not None)
+
+
+# Idle watch --------------------------------------------------------------------------------
+
+
+async def test_idle_watch_waits_while_busy_and_fires_once_idle() -> None:
+    watch = IdleWatch(0.05)
+    busy = [True]
+    fired = anyio.Event()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch.watch, lambda: busy[0], fired.set)
+            await anyio.sleep(0.15)  # three periods: busy all along, so nothing fires
+            assert not fired.is_set()
+            busy[0] = False
+            await fired.wait()

@@ -17,12 +17,13 @@ it never touches the loop's objects from a foreign thread and never raises into 
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import sys
 import time
 from collections import deque
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import anyio
 import anyio.abc
@@ -35,6 +36,7 @@ from .._types import SessionFactory, Transport
 from . import registry
 from .guards import GuardChain
 from .hosted import HostedTablesGate, HostedTablesProbe
+from .idle import IdleWatch
 from .limits import connection_slots
 from .memory import release_after_send
 from .outbox import Outbox, OutboxState
@@ -83,10 +85,14 @@ class SessionBridge:
         principal: who the client authenticated as (see ``Settings.authenticate``).
     """
 
+    #: How foreign threads reach the connection's loop; set when ``run`` starts.
+    _handoff: registry.LoopHandle
+
     __slots__ = (
         "__weakref__", "_closing", "_drained", "_engine", "_finished", "_gate", "_guards",
-        "_handoff", "_inbox", "_inbox_space", "_last_received", "_limiter",
-        "_observer", "_outbox", "_runner", "_tasks", "_transport", "close_code", "factory",
+        "_handoff", "_idle", "_inbox", "_inbox_space", "_limiter",
+        "_observer", "_outbox", "_runner", "_tasks", "_transport", "_writer_wake", "close_code",
+        "factory",
         "loop", "name", "principal", "settings", "state",
     )
 
@@ -121,16 +127,17 @@ class SessionBridge:
         self._runner: RequestRunner | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._transport: Transport | None = None
-        self._handoff: registry.LoopHandle | None = None
+        self._idle: IdleWatch | None = None
         # Made while there is work, dropped after it:
         #: Requests waiting for the worker; the worker runs exactly while this is not None.
         self._inbox: deque[tuple[bytes, Envelope]] | None = None
         self._inbox_space: anyio.Event | None = None
         self._drained: anyio.Event | None = None
+        #: Set while the writer task waits for the outbox to fill again.
+        self._writer_wake: anyio.Event | None = None
         self._finished: anyio.Event | None = None
         #: The close frame the core will send, once it has decided to end the connection.
         self._closing: _Close | None = None
-        self._last_received = 0.0
 
     @property
     def outbox_bytes(self) -> int:
@@ -153,6 +160,8 @@ class SessionBridge:
             )
         self._handoff = registry.LoopHandle()
         self.loop = self._handoff.loop
+        if self._limiter is None:
+            self._limiter = default_limiter(self._engine, self.settings)
         registry.add(self)
         try:
             await self._admit(transport)
@@ -215,30 +224,24 @@ class SessionBridge:
             return guards, None
         kind = EngineKind.of(self._engine)
         probe = HostedTablesProbe(self.factory, kind is EngineKind.ASYNC_SERVER)
-        in_thread = None if kind is not EngineKind.VIRTUAL else self._list_in_thread
+        in_thread = None if kind is not EngineKind.VIRTUAL else functools.partial(
+            anyio.to_thread.run_sync, limiter=self._limiter
+        )
         return guards, HostedTablesGate(probe, guards.policy.visible, in_thread)
-
-    async def _list_in_thread(self, call: Any) -> list[str]:
-        names: list[str] = await anyio.to_thread.run_sync(call, limiter=self._thread_limiter())
-        return names
-
-    def _thread_limiter(self) -> anyio.CapacityLimiter:
-        if self._limiter is None:
-            self._limiter = default_limiter(self._engine, self.settings)
-        return self._limiter
 
     async def _serve(
         self, transport: Transport, guards: GuardChain, gate: HostedTablesGate | None
     ) -> None:
         kind = EngineKind.of(self._engine)
-        callback = self._on_response_async if kind is EngineKind.ASYNC_SERVER else (
-            self._on_response
-        )
+        asynchronous = kind is EngineKind.ASYNC_SERVER
+        callback = self._on_response_async if asynchronous else self._on_response
         self._guards, self._gate, self._transport = guards, gate, transport
+        limiter = self._limiter
+        assert limiter is not None, "resolved in run()"
         session = self.factory.new_session(callback)
         self._runner = RequestRunner(
             session, kind, engine_key=id(self._engine),
-            inline_kinds=self.settings.inline_request_kinds, limiter=self._thread_limiter(),
+            inline_kinds=self.settings.inline_request_kinds, limiter=limiter,
             executor=self.settings.executor, on_closed=guards.views.release_all, name=self.name,
         )
         self.state = SessionState.OPEN
@@ -274,12 +277,20 @@ class SessionBridge:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
                 if self.settings.idle_timeout is not None:
-                    tasks.start_soon(self._idle_loop, self.settings.idle_timeout)
+                    self._idle = IdleWatch(self.settings.idle_timeout)
+                    tasks.start_soon(self._idle.watch, self._busy, self._close_idle)
                 await self._read_loop(transport)
         finally:
             # No task may start once the group has ended, not even from a wake-up that
             # another thread scheduled already.
             self._tasks = None
+
+    def _busy(self) -> bool:
+        return self._inbox is not None or (self._guards is not None and self._guards.holds_state)
+
+    def _close_idle(self) -> None:
+        logger.info("%s: closing after %gs idle", self.name, self.settings.idle_timeout)
+        self.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
 
     async def _release(self) -> None:
         """Drop what is queued and close the session (deferred while a thread is inside)."""
@@ -317,7 +328,8 @@ class SessionBridge:
         assert runner is not None and guards is not None
         while True:
             frame = await transport.receive()
-            self._last_received = anyio.current_time()
+            if self._idle is not None:
+                self._idle.touch()
             observer.message_received(len(frame))
             if isinstance(frame, str):
                 raise ProtocolError(
@@ -383,24 +395,6 @@ class SessionBridge:
         guards.handled(envelope)
         self._observer.request_handled(envelope.kind, time.perf_counter() - started)
 
-    async def _idle_loop(self, timeout: float) -> None:
-        """Close the connection once it has been silent for ``timeout`` with nothing to wait
-        for: no views (whose updates it may be watching), no subscription, no request."""
-        self._last_received = anyio.current_time()
-        while True:
-            silent_until = self._last_received + timeout
-            now = anyio.current_time()
-            if now < silent_until:
-                await anyio.sleep(silent_until - now)
-                continue
-            assert self._guards is not None
-            if self._guards.holds_state or self._inbox is not None:
-                self._last_received = now  # not idle: look again a full period later
-                continue
-            logger.info("%s: closing after %gs idle", self.name, timeout)
-            self.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
-            return
-
     # Outbound -----------------------------------------------------------------------------
 
     def _on_response(self, data: bytes) -> None:
@@ -412,7 +406,7 @@ class SessionBridge:
             if notification:
                 assert self._gate is not None
                 if self._gate.changed(data):
-                    self._call_on_loop(self._start_check)
+                    self._handoff.call(self._start_check)
                 return
             self._put(data)
         except Exception:
@@ -426,11 +420,7 @@ class SessionBridge:
     def _put(self, data: bytes) -> None:
         """Queue ``data`` for the client; any thread may call it."""
         if self._outbox.put(data):
-            self._call_on_loop(self._start_drain)
-
-    def _call_on_loop(self, callback: Any) -> None:
-        assert self._handoff is not None
-        self._handoff.call(callback)
+            self._handoff.call(self._start_drain)
 
     def _start_drain(self) -> None:
         """On the loop: start draining the outbox, or close if it overflowed."""
@@ -442,11 +432,27 @@ class SessionBridge:
                 logger.warning("%s: closing with 1013: %s", self.name, reason)
                 self.close(CloseCode.TRY_AGAIN_LATER, reason)
             return
-        self._tasks.start_soon(self._drain, self._transport)
+        wake, self._writer_wake = self._writer_wake, None
+        if wake is not None:
+            wake.set()  # the writer is waiting: cheaper than a new task on every update
+        else:
+            self._tasks.start_soon(self._write_loop, self._transport)
 
     def _start_check(self) -> None:
         if self._tasks is not None and self._gate is not None:
             self._tasks.start_soon(self._gate.check, self._put)
+
+    async def _write_loop(self, transport: Transport) -> None:
+        """Drain the outbox each time it fills; wait for more while the connection holds
+        views (their updates keep coming), end once it holds none."""
+        assert self._guards is not None
+        while True:
+            await self._drain(transport)
+            if not self._guards.holds_state:
+                return
+            # No await since the drain ended: a put that follows finds this wake-up.
+            wake = self._writer_wake = anyio.Event()
+            await wake.wait()
 
     async def _drain(self, transport: Transport) -> None:
         """Send what the outbox holds until it is empty; only the outbox's drainer calls it."""
