@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 from typing import Any
 
-import anyio
-import anyio.abc
 import perspective
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
@@ -43,21 +40,49 @@ _TORNADO_CLOSE_WAIT = 5.0
 class _TornadoTransport:
     """Feeds ``on_message`` into the core; sends wait on Tornado's write flow control."""
 
+    __slots__ = ("_closed", "_frame", "_giver", "_handler", "_stream", "_taker", "_waiting_close")
+
     def __init__(self, handler: PerspectiveTornadoHandler) -> None:
         self._handler = handler
-        # Unbuffered: on_message waits until the core takes each frame, and Tornado does not
-        # read the next frame meanwhile, so a fast client is held back by TCP.
-        self.inbox_send, self._inbox = anyio.create_memory_object_stream[Frame](0)
-        #: Set by ``on_close``: Tornado has closed the socket.
-        self._closed = anyio.Event()
+        # One frame at a time, unbuffered: on_message returns once the core has taken its
+        # frame, and Tornado reads no further meanwhile, so TCP holds back a fast client.
+        # Futures, made only while one side waits, cost an idle connection nothing.
+        self._frame: Frame | None = None
+        #: The core waiting in ``receive``.
+        self._taker: asyncio.Future[Frame] | None = None
+        #: ``on_message`` waiting for the core to take ``_frame``.
+        self._giver: asyncio.Future[None] | None = None
+        #: Tornado has closed the socket (``on_close``).
+        self._closed = False
+        self._waiting_close: asyncio.Future[None] | None = None
         self._stream: IOStream | None = None
 
+    def put(self, frame: Frame) -> asyncio.Future[None] | None:
+        """Hand ``frame`` to the core; return a future to await if the core is busy."""
+        if self._closed:
+            return None  # nobody is left to read it
+        taker, self._taker = self._taker, None
+        if taker is not None and not taker.done():
+            taker.set_result(frame)
+            return None
+        self._frame = frame
+        giver = self._giver = asyncio.get_running_loop().create_future()
+        return giver
+
     async def receive(self) -> Frame:
-        try:
-            return await self._inbox.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
+        frame = self._frame
+        if frame is not None:
+            self._frame = None
+            giver, self._giver = self._giver, None
+            if giver is not None and not giver.done():
+                giver.set_result(None)
+            return frame
+        if self._closed:
             handler = self._handler
-            raise ConnectionClosed(handler.close_code or 1005, handler.close_reason or "") from None
+            raise ConnectionClosed(handler.close_code or 1005, handler.close_reason or "")
+        taker: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._taker = taker
+        return await taker
 
     async def send(self, data: bytes) -> None:
         try:
@@ -83,7 +108,9 @@ class _TornadoTransport:
         fallback = asyncio.get_running_loop().call_later(_TORNADO_CLOSE_WAIT, self.abort)
         handler.close(code, reason)
         try:
-            await self._closed.wait()
+            if not self._closed:
+                self._waiting_close = asyncio.get_running_loop().create_future()
+                await self._waiting_close
         finally:
             fallback.cancel()
 
@@ -96,9 +123,17 @@ class _TornadoTransport:
         stream.close()
 
     def closed(self) -> None:
-        self.inbox_send.close()
-        self._inbox.close()
-        self._closed.set()
+        self._closed = True
+        handler = self._handler
+        taker = self._taker
+        if taker is not None and not taker.done():
+            taker.set_exception(
+                ConnectionClosed(handler.close_code or 1005, handler.close_reason or "")
+            )
+        for waiter in (self._giver, self._waiting_close):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        self._taker = self._giver = self._waiting_close = None
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
@@ -200,10 +235,10 @@ class PerspectiveTornadoHandler(WebSocketHandler):
         )
         self._task = asyncio.ensure_future(self._bridge.run(self._transport))
 
-    async def on_message(self, message: str | bytes) -> None:
-        # Once the core has ended the connection there is nobody left to read the message.
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await self._transport.inbox_send.send(message)
+    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
+        # Tornado awaits what this returns before it reads the next frame: nothing when the
+        # core took the frame at once, saving a coroutine per message.
+        return self._transport.put(message)
 
     def on_close(self) -> None:
         transport = getattr(self, "_transport", None)
