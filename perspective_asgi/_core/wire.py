@@ -101,6 +101,8 @@ def _invalid(reason: str) -> ProtocolError:
 
 def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     """Decode the base-128 varint at ``pos``; return its value and the position after it."""
+    if pos < len(data) and data[pos] < 0x80:
+        return data[pos], pos + 1  # one byte: every key and most lengths of a request
     result = 0
     for shift in range(0, 70, 7):
         if pos >= len(data):
