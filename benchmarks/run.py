@@ -1006,7 +1006,9 @@ def _commit() -> str:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "perspective_asgi", "benchmarks")
+        # Untracked files (earlier results) are not changes to the code under test.
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "perspective_asgi",
+                    "benchmarks")
     except OSError:
         return "unknown"
     return head + (" (with uncommitted changes in perspective_asgi/ or benchmarks/)"
