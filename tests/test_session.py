@@ -65,23 +65,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-# An in-memory transport -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def new_transport() -> Iterator[NewTransport]:
-    """Make ``MemoryTransport``s inside the test's event loop; dispose of them after it."""
-    made: list[MemoryTransport] = []
-
-    def make() -> MemoryTransport:
-        made.append(MemoryTransport())
-        return made[-1]
-
-    yield make
-    for transport in made:
-        transport.dispose()
-
-
 # Session factories that record what the core does ---------------------------------------------
 
 
