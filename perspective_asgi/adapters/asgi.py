@@ -1,4 +1,8 @@
-"""A plain ASGI 3 application: run it under any ASGI server or mount it in Starlette/FastAPI."""
+"""A plain ASGI 3 application: run it under any ASGI server, or route to it in Starlette/FastAPI.
+
+Route it with ``WebSocketRoute("/websocket", app)``: Starlette's ``Mount("/websocket", app)``
+matches only ``/websocket/...`` for websockets, and a client of ``/websocket`` gets HTTP 403.
+"""
 
 from __future__ import annotations
 
