@@ -47,12 +47,7 @@ class LoopHandle:
 
     def __init__(self) -> None:
         self._thread = threading.get_ident()
-        try:
-            self.loop: object = asyncio.get_running_loop()
-        except RuntimeError:
-            import trio  # the only other backend anyio runs on
-
-            self.loop = trio.lowlevel.current_trio_token()
+        self.loop = current_loop()
 
     def call(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` on the loop: now on the loop's thread, soon from any other."""
@@ -87,7 +82,7 @@ def current_loop() -> object:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
-        import trio
+        import trio  # the only other backend anyio runs on
 
         return trio.lowlevel.current_trio_token()
 
