@@ -341,9 +341,9 @@ class SessionBridge:
                 )
             data = frame if isinstance(frame, bytes) else bytes(frame)
             envelope = read_envelope(data)
-            table = guards.table_of(envelope)
             if (
-                self._inbox is None and runner.runs_inline(envelope.kind, table, len(data))
+                self._inbox is None
+                and runner.runs_inline(envelope.kind, guards.table_of(envelope), len(data))
                 and outbox.claim()
             ):
                 # Nothing is ahead of this cheap request and the outbox is ours: answering it
