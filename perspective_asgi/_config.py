@@ -117,6 +117,13 @@ class Settings:
     #: (the default) keeps idle connections open.
     idle_timeout: float | None = None
 
+    #: Give connections that make identical views of a ``perspective.Server`` table one engine
+    #: view between them (``table_make_view`` requests with equal table and configuration
+    #: bytes): the engine then computes it once per update, however many viewers it has. A
+    #: client cannot tell: every request and update behaves as on a view of its own. Other
+    #: session factories (``AsyncServer``, virtual servers) are served as before.
+    share_views: bool = True
+
     #: Receives connection events, e.g. ``perspective_asgi.metrics.PrometheusObserver``.
     observer: SessionObserver | None = None
 

@@ -49,6 +49,10 @@ DEMO_ROWS = {
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
 
+#: For tests that watch the connection's own session answer view requests: with shared views
+#: those go to the engine's private session instead (tests/test_shared_views.py).
+OWN_VIEWS = Settings(share_views=False)
+
 @pytest.fixture(
     scope="module",
     params=[
@@ -294,7 +298,7 @@ async def test_pipelined_burst_is_answered_in_request_order(
     server.new_local_client().open_table("heavy").replace(_heavy_rows(100_000))
     transport = new_transport()
     await transport.feed(*frames.burst)  # all queued before the session starts: pipelined
-    bridge = SessionBridge(factory)
+    bridge = SessionBridge(factory, OWN_VIEWS)
     async with serving(bridge, transport):
         loop_thread = threading.get_ident()
         replies = [await transport.next_reply() for _ in frames.burst]
@@ -330,7 +334,7 @@ async def test_update_from_a_foreign_thread_reaches_the_transport(
     new_transport: NewTransport,
 ) -> None:
     transport = new_transport()
-    bridge = SessionBridge(factory)
+    bridge = SessionBridge(factory, OWN_VIEWS)
     async with serving(bridge, transport):
         await transport.feed(frames.make_view, frames.on_update, frames.size)
         assert msg_id(await transport.next_reply()) == msg_id(frames.make_view)
@@ -419,7 +423,7 @@ async def test_requests_wait_while_updates_are_queued(
     # Replies are admitted into the outbox only when it is empty: a request must not run while
     # pushed updates wait for a slow client, or its reply could overflow the queue.
     transport = new_transport()
-    bridge = SessionBridge(factory)
+    bridge = SessionBridge(factory, OWN_VIEWS)
     table = server.new_local_client().open_table("demo")
 
     def update(i: int) -> None:
@@ -579,7 +583,7 @@ async def test_outbound_overflow_closes_with_1013(
 ) -> None:
     limit = 4096
     transport = new_transport()
-    bridge = SessionBridge(factory, Settings(max_send_queue_bytes=limit))
+    bridge = SessionBridge(factory, Settings(max_send_queue_bytes=limit, share_views=False))
     highest_outbox = 0
     pushed = 0
 
@@ -667,7 +671,7 @@ async def test_failing_request_closes_with_1011_and_logs_once(
     frame = frames.size if path == "inline" else frames.make_view
     transport = new_transport()
     await transport.feed(frame)
-    bridge = SessionBridge(factory, peer="10.0.0.7:5555")
+    bridge = SessionBridge(factory, OWN_VIEWS, peer="10.0.0.7:5555")
     await run_to_end(bridge, transport)
 
     assert transport.closes == [(CloseCode.INTERNAL_ERROR, "internal error")]

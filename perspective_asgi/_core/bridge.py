@@ -23,7 +23,8 @@ import logging
 import sys
 import time
 from collections import deque
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.abc
@@ -33,7 +34,7 @@ from .._config import Settings
 from .._exceptions import ConnectionClosed, ProtocolError
 from .._observer import NULL_OBSERVER
 from .._types import SessionFactory, Transport
-from . import registry
+from . import registry, sharing
 from .guards import GuardChain
 from .hosted import HostedTablesGate, HostedTablesProbe
 from .idle import IdleWatch
@@ -90,10 +91,9 @@ class SessionBridge:
 
     __slots__ = (
         "__weakref__", "_closing", "_drained", "_engine", "_finished", "_gate", "_guards",
-        "_handoff", "_idle", "_inbox", "_inbox_space", "_limiter",
-        "_observer", "_outbox", "_runner", "_tasks", "_transport", "_writer_wake", "close_code",
-        "factory",
-        "loop", "name", "principal", "settings", "state",
+        "_handoff", "_idle", "_inbox", "_inbox_space", "_limiter", "_observer", "_outbox",
+        "_runner", "_tasks", "_transport", "_writer_wake", "close_code", "factory", "loop",
+        "name", "principal", "settings", "state",
     )
 
     def __init__(
@@ -238,12 +238,11 @@ class SessionBridge:
         self._guards, self._gate, self._transport = guards, gate, transport
         limiter = self._limiter
         assert limiter is not None, "resolved in run()"
-        session = self.factory.new_session(callback)
+        session = _new_session(self.factory, self._engine, kind, self.settings, callback)
         self._runner = RequestRunner(
-            session, kind, engine_key=id(self._engine),
-            inline_kinds=self.settings.inline_request_kinds, limiter=limiter,
-            executor=self.settings.executor, on_closed=guards.views.release_all, name=self.name,
-        )
+            session, kind, engine_key=id(self._engine), limiter=limiter, name=self.name,
+            inline_kinds=self.settings.inline_request_kinds, executor=self.settings.executor,
+            on_closed=guards.views.release_all)
         self.state = SessionState.OPEN
         self._observer.connection_opened(self)
         peer_gone = False
@@ -343,7 +342,9 @@ class SessionBridge:
             envelope = read_envelope(data)
             if (
                 self._inbox is None
-                and runner.runs_inline(envelope.kind, guards.table_of(envelope), len(data))
+                and runner.runs_inline(
+                    envelope.kind, guards.table_of(envelope), len(data), envelope
+                )
                 and outbox.claim()
             ):
                 # Nothing is ahead of this cheap request and the outbox is ours: answering it
@@ -391,7 +392,7 @@ class SessionBridge:
             return
         if self._gate is not None:
             await self._gate.before(envelope)
-        await runner.run(data, envelope.kind, guards.table_of(envelope))
+        await runner.run(data, envelope.kind, guards.table_of(envelope), envelope)
         guards.handled(envelope)
         self._observer.request_handled(envelope.kind, time.perf_counter() - started)
 
@@ -472,6 +473,18 @@ class SessionBridge:
             if self._drained is None:
                 self._drained = anyio.Event()
             await self._drained.wait()
+
+
+def _new_session(
+    factory: SessionFactory, engine: SessionFactory, kind: EngineKind, settings: Settings,
+    callback: Callable[[bytes], Any],
+) -> Any:
+    """The session a connection's runner drives: its own, or, when views are shared, a
+    router that sends view requests to the engine's shared views and the rest to its own."""
+    session = factory.new_session(callback)
+    if kind is EngineKind.SERVER and settings.share_views:
+        return sharing.router_for(engine, session, callback)
+    return session
 
 
 def _what_ended(exc: Exception, name: str) -> tuple[int | None, _Close | None]:

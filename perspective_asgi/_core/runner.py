@@ -35,6 +35,7 @@ from .._config import Settings
 from .._exceptions import ProtocolError
 from . import registry
 from .costs import MAX_FRAME, CostBook, Key, close_book, loop_cost, open_book
+from .wire import Envelope
 
 logger = logging.getLogger("perspective_asgi")
 
@@ -88,7 +89,7 @@ class RequestRunner:
 
     __slots__ = (
         "_costs", "_engine_key", "_executor", "_handoff", "_inline_kinds", "_limiter", "_lock",
-        "_on_closed", "_session", "kind", "name",
+        "_may_inline", "_on_closed", "_session", "kind", "name",
     )
 
     def __init__(
@@ -104,6 +105,11 @@ class RequestRunner:
         name: str = "",
     ) -> None:
         self._session = session
+        #: A session that does more than the engine for some requests (``sharing.ViewRouter``)
+        #: says which of them must not run on the loop however cheap their kind.
+        self._may_inline: Callable[[Envelope], bool] | None = getattr(
+            session, "may_run_inline", None
+        )
         #: The connection's name, for log records.
         self.name = name
         self.kind = kind
@@ -120,23 +126,31 @@ class RequestRunner:
         self._handoff = Handoff.IDLE
         self._lock = threading.Lock()
 
-    def runs_inline(self, kind: int | None, table: str = "", size: int = 0) -> bool:
+    def runs_inline(
+        self, kind: int | None, table: str = "", size: int = 0, envelope: Envelope | None = None
+    ) -> bool:
         """Whether a request of ``kind`` on ``table``, ``size`` bytes long, would run on the
         loop without waiting for anything."""
         if self._costs is None or kind is None or registry.engine_is_busy(self._engine_key):
+            return False
+        if envelope is not None and self._may_inline is not None and not self._may_inline(
+            envelope
+        ):
             return False
         if kind in self._inline_kinds:
             return True
         return size <= MAX_FRAME and self._costs.cheap((kind, table))
 
-    async def run(self, data: bytes, kind: int | None, table: str = "") -> None:
+    async def run(
+        self, data: bytes, kind: int | None, table: str = "", envelope: Envelope | None = None
+    ) -> None:
         """Hand one request to the session, wherever it belongs; return once it has run."""
         if self.kind is EngineKind.ASYNC_SERVER:
             await self._session.handle_request(data)
             return
         # Cheap kinds cost microseconds whatever the table: only the others are measured.
         key = None if kind is None or kind in self._inline_kinds else (kind, table)
-        if self.runs_inline(kind, table, len(data)):
+        if self.runs_inline(kind, table, len(data), envelope):
             self._timed(data, key, on_loop=True)
         else:
             await self._run_in_thread(data, key)

@@ -222,3 +222,34 @@ def encode_server_error(msg_id: int, entity_id: str, message: str, status_code: 
         + _length_delimited(2, entity_id.encode())
         + _length_delimited(SERVER_ERROR, error)
     )
+
+
+def _string_field(number: int, value: str) -> bytes:
+    # proto3 leaves a field at its default out: the engine's own replies never carry "" or 0.
+    return _length_delimited(number, value.encode()) if value else b""
+
+
+def encode_header(msg_id: int, entity_id: str) -> bytes:
+    """Encode the ``msg_id`` and ``entity_id`` fields that open a ``Request`` or ``Response``."""
+    head = _encode_varint(1 << 3 | _VARINT) + _encode_varint(msg_id) if msg_id else b""
+    return head + _string_field(2, entity_id)
+
+
+def encode_message(msg_id: int, entity_id: str, kind: int, body: bytes | memoryview = b"") -> bytes:
+    """Encode a ``Request`` or ``Response`` whose oneof member ``kind`` holds ``body``."""
+    return encode_header(msg_id, entity_id) + _length_delimited(kind, bytes(body))
+
+
+def split_header(data: bytes) -> tuple[int, int]:
+    """Return a message's ``msg_id`` and where its fields after ``entity_id`` start.
+
+    The engine writes fields in number order, so a reply is its header (fields 1 and 2)
+    followed by the oneof member: swapping the header re-addresses it without decoding it.
+    """
+    msg_id, pos = 0, 0
+    if data[:1] == b"\x08":
+        msg_id, pos = read_varint(data, 1)
+    if data[pos:pos + 1] == b"\x12":
+        length, pos = read_varint(data, pos + 1)
+        pos += length
+    return msg_id, pos
