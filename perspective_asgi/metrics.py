@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ._core import registry
+from ._core import registry, sharing
 from ._core.wire import REQUEST_KIND_NAMES
 from ._observer import SessionObserver
 from ._types import Connection
@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 class PrometheusObserver(SessionObserver):
     """Counts connections, messages, bytes, request latency, closes and refusals of
-    connections and requests."""
+    connections and requests, and what shared views save."""
 
     def __init__(
         self, registry: CollectorRegistry | None = None, prefix: str = "perspective"
@@ -66,6 +66,23 @@ class PrometheusObserver(SessionObserver):
         )
         # Read at scrape time: the queues change on every thread that runs the engine.
         self.queued.set_function(_queued_bytes)
+        self.shared_views = Gauge(
+            f"{prefix}_shared_views",
+            "Engine views serving the connections' views when views are shared.",
+            registry=self.registry,
+        )
+        self.shared_views.set_function(lambda: float(sharing.totals()[0]))
+        self.view_aliases = Gauge(
+            f"{prefix}_view_aliases",
+            "Connections' views served by a shared engine view.", registry=self.registry,
+        )
+        self.view_aliases.set_function(lambda: float(sharing.totals()[1]))
+        self.views_saved = Gauge(
+            f"{prefix}_engine_views_saved",
+            "Engine views that sharing saves: aliases less the engine views serving them.",
+            registry=self.registry,
+        )
+        self.views_saved.set_function(_views_saved)
         self._received = (self.messages.labels("in"), self.bytes.labels("in"))
         self._sent = (self.messages.labels("out"), self.bytes.labels("out"))
 
@@ -94,6 +111,11 @@ class PrometheusObserver(SessionObserver):
     def request_handled(self, kind: int | None, seconds: float) -> None:
         name = REQUEST_KIND_NAMES.get(kind, "other") if kind is not None else "none"
         self.request_seconds.labels(name).observe(seconds)
+
+
+def _views_saved() -> float:
+    views, aliases = sharing.totals()
+    return float(aliases - views)
 
 
 def _queued_bytes() -> float:

@@ -85,3 +85,21 @@ async def test_metrics_after_traffic(
     refused = {labels["reason"]: value for labels, value in refusals}
     assert refused == {"origin": 1}
     assert scraped[("perspective_send_queue_bytes", ())] == 0
+
+
+async def test_shared_view_metrics(
+    url: str, observer: PrometheusObserver, factory: CountingFactory
+) -> None:
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with connect(url) as first, connect(url) as second, connect(url) as third:
+            for conn in (first, second):
+                await (await conn.client.open_table("demo")).view(group_by=["group"])
+            await (await third.client.open_table("demo")).view()
+            during = scrape(observer)
+    assert during[("perspective_shared_views", ())] == 2
+    assert during[("perspective_view_aliases", ())] == 3
+    assert during[("perspective_engine_views_saved", ())] == 1
+    await factory.all_closed()
+    after = scrape(observer)
+    assert after[("perspective_shared_views", ())] == 0
+    assert after[("perspective_view_aliases", ())] == 0

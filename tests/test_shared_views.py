@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import anyio
 import hypothesis
 import perspective
+import pyarrow as pa
 import pytest
 from hypothesis import given
 
@@ -34,7 +36,14 @@ from ._differential import (
     scripts,
 )
 from ._frames import key, length_delimited, varint
-from ._helpers import NewTransport, serving
+from ._helpers import (
+    SCENARIO_TIMEOUT,
+    CountingFactory,
+    NewTransport,
+    connect,
+    local_table,
+    serving,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -132,3 +141,63 @@ async def test_fifty_identical_views_cost_one_engine_view(
             assert update.startswith(key(1, 0) + varint(8)
                                      + length_delimited(2, f"view-{number}".encode()))
     assert sharing.totals() == (0, 0)
+
+
+# Over every adapter, with the stock client ----------------------------------------------------
+
+
+def _engine_view_ids() -> list[str]:
+    return [view.engine_id for shared in sharing._shared_views.values()
+            for view in shared._index.values()]
+
+
+async def test_fifty_clients_share_one_view_on_every_adapter(
+    url: str, perspective_server: perspective.Server, factory: CountingFactory
+) -> None:
+    got: list[list[int]] = [[] for _ in range(50)]
+    table = local_table(perspective_server)
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        async with contextlib.AsyncExitStack() as stack:
+            conns = [await stack.enter_async_context(connect(url)) for _ in got]
+            views = []
+            for conn, ids in zip(conns, got, strict=True):
+                view = await (await conn.client.open_table("demo")).view(columns=["id"])
+                await view.on_update(_collector(ids), mode="row")
+                await view.num_rows()  # a round trip: the subscription has reached the engine
+                views.append(view)
+            assert sharing.totals() == (1, 50)
+            [engine_view] = _engine_view_ids()
+            for number in range(10):
+                table.update({"id": [100 + number], "name": ["n"], "group": ["z"],
+                              "value": [0.0]})
+                if number == 4:
+                    # Mid-stream, one client deletes its view and another hangs up.
+                    await views[0].delete()
+                    await conns[1].ws.close()
+                    await views[2].num_rows()
+            for view in views[2:]:
+                await view.num_rows()
+            await _until(lambda: all(len(ids) == 10 for ids in got[2:]))
+            for ids in got[2:]:
+                assert ids == list(range(100, 110))  # every update, in order
+            assert got[0] == got[1] == list(range(100, 105))
+            assert sharing.totals() == (1, 48)
+    await factory.all_closed()
+    assert sharing.totals() == (0, 0)
+    # The engine agrees: the shared view is gone.
+    replies: list[bytes] = []
+    session = perspective_server.new_session(replies.append)
+    session.handle_request(request(3, engine_view, 12))
+    session.close()
+    assert read_envelope(replies[0]).kind == 50 and b"not found" in replies[0]
+
+
+def _collector(ids: list[int]) -> Any:
+    def on_update(port_id: int, delta: bytes) -> None:
+        ids.extend(pa.ipc.open_stream(delta).read_all().column("id").to_pylist())
+    return on_update
+
+
+async def _until(condition: Any) -> None:
+    while not condition():
+        await anyio.sleep(0.01)
