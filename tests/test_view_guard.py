@@ -119,6 +119,21 @@ async def test_view_ownership_in_process(
     await factory.all_closed()
 
 
+async def test_a_backwards_column_range_is_refused(
+    t1_server: perspective.Server, new_transport: NewTransport
+) -> None:
+    # Unguarded, this one frame costs the engine gigabytes and tens of seconds.
+    transport = new_transport()
+    async with serving(SessionBridge(CountingFactory(t1_server)), transport):
+        await transport.feed(make_view_frame("t1", "v"))
+        assert read_envelope(await transport.next_reply()).kind == 6
+        backwards = key(1, 0) + varint(2) + key(2, 0) + varint(0)
+        await transport.feed(request(6, "v", 10, backwards))
+        assert "ends (0) before it starts (2)" in server_error(await transport.next_reply())[2]
+        await transport.feed(request(7, "v", 10, key(1, 0) + varint(0) + key(2, 0) + varint(2)))
+        assert read_envelope(await transport.next_reply()).kind == 10
+
+
 # Over a real websocket, every adapter ---------------------------------------------------------
 
 

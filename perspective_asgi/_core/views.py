@@ -12,6 +12,9 @@ The engine trusts its clients with view ids, and a websocket client is not to be
 * a filter with no value, for any operator but ``in`` and ``not in``, dereferences a null
   pointer (perspective-python 4.4 and 5.6). The stock clients always send a value (``null`` for
   ``is null``), so only hand-built frames are refused.
+* ``view_column_paths`` with an end column before its start column makes the engine allocate
+  gigabytes for tens of seconds (perspective-python 5.6.1; found by the shared-views
+  differential test). The stock clients never send one.
 
 A refused request is answered with Perspective's own ``ServerError``, so the client's promise
 rejects and the connection stays usable.
@@ -33,6 +36,8 @@ from .wire import (
     read_envelope,
     read_fields,
 )
+
+VIEW_COLUMN_PATHS = 10
 
 #: ``StatusCode.VIEW_NOT_FOUND``: what the engine answers for a view it does not know.
 VIEW_NOT_FOUND = 1
@@ -76,6 +81,8 @@ class ViewGuard:
         if kind in VIEW_REQUEST_KINDS:
             if envelope.entity_id not in self._owned:
                 return _not_found(envelope.entity_id)
+            if kind == VIEW_COLUMN_PATHS:
+                return _check_column_range(envelope.body)
             return None
         if kind in TABLE_DATA_REQUEST_KINDS:
             source = _source_view(envelope.body)
@@ -149,6 +156,14 @@ def _not_found(view_id: str) -> Refused:
     return Refused(
         "view", f"View not found: '{view_id}' is not a view of this connection", VIEW_NOT_FOUND
     )
+
+
+def _check_column_range(body: bytes | memoryview) -> Refused | None:
+    fields = dict(read_fields(body))
+    start, end = fields.get(1, 0), fields.get(2)
+    if isinstance(start, int) and isinstance(end, int) and end < start:
+        return Refused("invalid", f"column range ends ({end}) before it starts ({start})")
+    return None
 
 
 def _source_view(body: bytes | memoryview) -> str | None:
