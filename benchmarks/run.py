@@ -515,7 +515,7 @@ def _fanout_levels(args: argparse.Namespace, stacks: list[str]) -> None:
             variants.append((stack, impl, False))
         if stack in args.polling_stacks:
             variants.append((stack, "ours", True))
-    for mode in ("loop", "thread"):
+    for mode in args.feeds:
         for stack, impl, polling in variants:
             if mode == "thread" and impl == "ref" and not args.fanout_ref_thread:
                 continue
@@ -1135,12 +1135,18 @@ def main() -> None:
                         help="servers on one CPU, load on the others (default: --standard only)")
     parser.add_argument("--out", type=Path,
                         help="where the report goes (default: benchmarks/results)")
+    parser.add_argument("--clients", nargs="+", type=int,
+                        help="fan-out subscriber counts (default: the profile's)")
+    parser.add_argument("--feeds", nargs="+", choices=["loop", "thread"],
+                        default=["loop", "thread"], help="fan-out feeds")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # A smoke run checks the code paths; its report must not land among the results.
     args.out = args.out or (Path("/tmp/perspective_asgi_bench_smoke") if args.smoke
                             else HERE / "results")
+    clients = args.clients
     apply_profile(args)
+    args.clients = clients or args.clients
     _bench_server.raise_nofile()
     pin(args)
     load_before = os.getloadavg()
