@@ -36,6 +36,7 @@ from .wire import (
     encode_field,
     read_envelope,
     read_fields,
+    read_id,
 )
 
 #: Request kinds that create, change or delete tables (``perspective.proto`` field numbers).
@@ -183,9 +184,7 @@ class PolicyGuard:
                     self.subscriptions = set()
                 self.subscriptions.add(envelope.msg_id)
         elif envelope.kind == REMOVE_HOSTED_TABLES_UPDATE and self.subscriptions:
-            for number, value in read_fields(envelope.body):
-                if number == 1 and isinstance(value, int):
-                    self.subscriptions.discard(value)
+            self.subscriptions.discard(read_id(envelope.body))
 
     def filter_reply(self, data: bytes) -> tuple[bytes, bool]:
         """Return the reply to send in place of ``data``, and whether it is a hosted-tables

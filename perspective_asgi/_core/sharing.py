@@ -48,24 +48,30 @@ from typing import Any
 
 from .._types import SessionFactory
 from .wire import (
+    SERVER_ERROR,
     TABLE_DATA_REQUEST_KINDS,
     TABLE_MAKE_VIEW,
     VIEW_DELETE,
+    VIEW_ON_DELETE,
+    VIEW_ON_REMOVE,
+    VIEW_ON_UPDATE,
+    VIEW_REMOVE_DELETE,
+    VIEW_REMOVE_ON_REMOVE,
+    VIEW_REMOVE_ON_UPDATE,
     VIEW_REQUEST_KINDS,
     Envelope,
     encode_field,
     encode_header,
     encode_message,
+    encode_string,
     read_envelope,
     read_fields,
+    read_id,
+    read_make_view,
     split_header,
 )
 
 logger = logging.getLogger("perspective_asgi")
-
-VIEW_ON_UPDATE, VIEW_REMOVE_ON_UPDATE = 21, 22
-VIEW_ON_DELETE, VIEW_REMOVE_DELETE = 34, 35
-VIEW_ON_REMOVE, VIEW_REMOVE_ON_REMOVE = 39, 40
 
 #: Subscriptions, and the request that ends each.
 _SUBSCRIBE = {VIEW_ON_UPDATE: VIEW_REMOVE_ON_UPDATE, VIEW_ON_REMOVE: VIEW_REMOVE_ON_REMOVE}
@@ -252,7 +258,7 @@ class SharedViews:
 
     def _create(self, table: str, config: bytes | None) -> tuple[_EngineView | None, bytes]:
         engine_id = self._prefix + str(next(self._view_ids))
-        body = encode_field(1, engine_id.encode())
+        body = encode_string(1, engine_id)
         if config is not None:
             body += encode_field(2, config)
         reply = self.call(TABLE_MAKE_VIEW, table, body)
@@ -467,15 +473,15 @@ class ViewRouter:
     # Requests ------------------------------------------------------------------------------
 
     def _make_view(self, envelope: Envelope) -> None:
-        view_id, config = _make_view_fields(envelope.body)
+        view_id, config = read_make_view(envelope.body)
         table = envelope.entity_id
         view, reply = self._shared.view_for(table, config)
         if view is None:
             self._deliver(_readdressed(reply, envelope.msg_id, table))
             return
         self._aliases[view_id] = _Alias(view_id, view)
-        body = encode_field(1, view_id.encode()) if view_id else b""
-        self._deliver(encode_message(envelope.msg_id, table, TABLE_MAKE_VIEW, body))
+        self._deliver(encode_message(envelope.msg_id, table, TABLE_MAKE_VIEW,
+                                     encode_string(1, view_id)))
 
     def _on_alias(self, alias: _Alias, envelope: Envelope) -> None:
         kind = envelope.kind
@@ -489,7 +495,7 @@ class ViewRouter:
         elif kind == VIEW_ON_DELETE:
             alias.on_delete.append(envelope.msg_id)  # the engine answers it at the delete
         elif kind == VIEW_REMOVE_DELETE:
-            target = _id_field(envelope.body)
+            target = read_id(envelope.body)
             alias.on_delete = [msg_id for msg_id in alias.on_delete if msg_id != target]
             self._answer(envelope, alias)
         else:
@@ -516,7 +522,7 @@ class ViewRouter:
         alias.subscriptions[envelope.msg_id] = (feed, feed.subscribers[-1])
 
     def _unsubscribe(self, alias: _Alias, kind: int, envelope: Envelope) -> None:
-        target = _id_field(envelope.body)
+        target = read_id(envelope.body)
         entry = alias.subscriptions.get(target)
         if entry is not None and entry[0].kind == _UNSUBSCRIBE[kind]:
             del alias.subscriptions[target]
@@ -619,30 +625,12 @@ def _field(number: int, value: int | memoryview) -> bytes:
 
 
 def _is_error(reply: bytes) -> bool:
-    _, start = split_header(reply)
-    return reply[start:start + 2] == b"\x92\x03"  # field 50, length-delimited
+    return read_envelope(reply).kind == SERVER_ERROR
 
 
 def _readdressed(reply: bytes, msg_id: int, entity_id: str) -> bytes:
     _, start = split_header(reply)
     return encode_header(msg_id, entity_id) + reply[start:]
-
-
-def _id_field(body: bytes | memoryview) -> int:
-    for number, value in read_fields(body):
-        if number == 1 and isinstance(value, int):
-            return value
-    return 0
-
-
-def _make_view_fields(body: bytes | memoryview) -> tuple[str, bytes | None]:
-    view_id, config = "", None
-    for number, value in read_fields(body):
-        if number == 1 and isinstance(value, memoryview):
-            view_id = str(value, "utf-8")
-        elif number == 2 and isinstance(value, memoryview):
-            config = bytes(value)
-    return view_id, config
 
 
 def _is_grouped(config: bytes | None) -> bool:

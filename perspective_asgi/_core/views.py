@@ -30,14 +30,14 @@ from .wire import (
     SERVER_ERROR,
     TABLE_DATA_REQUEST_KINDS,
     TABLE_MAKE_VIEW,
+    VIEW_COLUMN_PATHS,
     VIEW_DELETE,
     VIEW_REQUEST_KINDS,
     Envelope,
     read_envelope,
     read_fields,
+    read_make_view,
 )
-
-VIEW_COLUMN_PATHS = 10
 
 #: ``StatusCode.VIEW_NOT_FOUND``: what the engine answers for a view it does not know.
 VIEW_NOT_FOUND = 1
@@ -178,19 +178,8 @@ def _source_view(body: bytes | memoryview) -> str | None:
 
 def _check_make_view(body: bytes | memoryview) -> tuple[str, str | None]:
     """Return a ``TableMakeViewReq``'s view id, and why it must be refused (``None`` if not)."""
-    view_id = ""
-    reason: str | None = None
-    for number, value in read_fields(body):
-        if isinstance(value, int):
-            continue
-        if number == 1:
-            try:
-                view_id = str(value, "utf-8")
-            except UnicodeDecodeError:
-                return "", "view id is not UTF-8"
-        elif number == 2 and reason is None:
-            reason = _check_config(value)
-    return view_id, reason
+    view_id, config = read_make_view(body)
+    return view_id, None if config is None else _check_config(memoryview(config))
 
 
 def _check_config(config: memoryview) -> str | None:

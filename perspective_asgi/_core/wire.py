@@ -60,7 +60,14 @@ TABLE_DATA_REQUEST_KINDS = frozenset({27, 31, 32, 33})
 
 GET_HOSTED_TABLES = 4
 TABLE_MAKE_VIEW = 6
+VIEW_COLUMN_PATHS = 10
 VIEW_DELETE = 11
+VIEW_ON_UPDATE = 21
+VIEW_REMOVE_ON_UPDATE = 22
+VIEW_ON_DELETE = 34
+VIEW_REMOVE_DELETE = 35
+VIEW_ON_REMOVE = 39
+VIEW_REMOVE_ON_REMOVE = 40
 MAKE_TABLE = 27
 REMOVE_HOSTED_TABLES_UPDATE = 37
 MAKE_JOIN_TABLE = 38
@@ -217,22 +224,18 @@ def encode_server_error(msg_id: int, entity_id: str, message: str, status_code: 
     error = _length_delimited(1, message.encode())
     if status_code:
         error += _encode_varint(2 << 3 | _VARINT) + _encode_varint(status_code)
-    return (
-        _encode_varint(1 << 3 | _VARINT) + _encode_varint(msg_id)
-        + _length_delimited(2, entity_id.encode())
-        + _length_delimited(SERVER_ERROR, error)
-    )
+    return encode_header(msg_id, entity_id) + _length_delimited(SERVER_ERROR, error)
 
 
-def _string_field(number: int, value: str) -> bytes:
-    # proto3 leaves a field at its default out: the engine's own replies never carry "" or 0.
+def encode_string(number: int, value: str) -> bytes:
+    """Encode a string field as proto3 does: left out when empty, as the engine writes it."""
     return _length_delimited(number, value.encode()) if value else b""
 
 
 def encode_header(msg_id: int, entity_id: str) -> bytes:
     """Encode the ``msg_id`` and ``entity_id`` fields that open a ``Request`` or ``Response``."""
     head = _encode_varint(1 << 3 | _VARINT) + _encode_varint(msg_id) if msg_id else b""
-    return head + _string_field(2, entity_id)
+    return head + encode_string(2, entity_id)
 
 
 def encode_message(msg_id: int, entity_id: str, kind: int, body: bytes | memoryview = b"") -> bytes:
@@ -253,3 +256,30 @@ def split_header(data: bytes) -> tuple[int, int]:
         length, pos = read_varint(data, pos + 1)
         pos += length
     return msg_id, pos
+
+
+def read_id(body: bytes | memoryview) -> int:
+    """The ``id`` (field 1) of a request that ends a subscription, e.g. ``ViewRemoveDeleteReq``."""
+    for number, value in read_fields(body):
+        if number == 1 and isinstance(value, int):
+            return value
+    return 0
+
+
+def read_make_view(body: bytes | memoryview) -> tuple[str, bytes | None]:
+    """A ``TableMakeViewReq``'s view id and ``ViewConfig`` bytes (``None`` if it has none).
+
+    Repeated occurrences of the config are joined, which is how protobuf merges them.
+    """
+    view_id, configs = "", []
+    for number, value in read_fields(body):
+        if not isinstance(value, memoryview):
+            continue
+        if number == 1:
+            try:
+                view_id = str(value, "utf-8")
+            except UnicodeDecodeError:
+                raise _invalid("view id is not UTF-8") from None
+        elif number == 2:
+            configs.append(bytes(value))
+    return view_id, b"".join(configs) if configs else None
