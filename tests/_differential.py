@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 
 from perspective_asgi import Settings
 from perspective_asgi._core.bridge import SessionBridge
+from perspective_asgi._core.wire import read_varint
 
 from ._frames import capture, key, length_delimited, varint
+from ._fuzz import fields_of
 from ._helpers import MemoryTransport
 
 IS_4X = perspective.__version__.startswith("4.")
@@ -65,31 +67,10 @@ def _view_configs() -> list[bytes | None]:
 
 def _member(message: bytes, number: int) -> bytes | None:
     """The bytes of length-delimited field ``number`` of a message, if present."""
-    pos = 0
-    while pos < len(message):
-        tag, pos = _varint_at(message, pos)
-        wire = tag & 7
-        if wire == 0:
-            _, pos = _varint_at(message, pos)
-        elif wire == 2:
-            length, pos = _varint_at(message, pos)
-            if tag >> 3 == number:
-                return message[pos:pos + length]
-            pos += length
-        else:
-            raise ValueError(f"wire type {wire}")
+    for f in fields_of(message) or []:
+        if f.number == number and f.wire_type == 2:
+            return message[f.payload:f.end]
     return None
-
-
-def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
 
 
 CONFIGS = _view_configs()
@@ -121,8 +102,8 @@ def viewport(start_row: int, end_row: int, start_col: int, end_col: int) -> byte
 _config = st.one_of(st.sampled_from([0, 1]), st.integers(0, len(CONFIGS) - 1))
 _make = st.tuples(st.just("make"), _config)
 _update = st.tuples(st.just("update"), st.lists(st.integers(0, 11), min_size=1, max_size=4))
-_subscribe = st.tuples(st.just("subscribe"), st.integers(0, 7),
-                       st.sampled_from(["none", "row"] + ([] if IS_4X else ["remove"])))
+_MODES = ["none", "row"] + ([] if IS_4X else ["remove"])
+_subscribe = st.tuples(st.just("subscribe"), st.integers(0, 7), st.sampled_from(_MODES))
 step = st.one_of(
     _make, _update, _update, _update, _subscribe, _subscribe, _subscribe,
     st.tuples(st.just("read"), st.integers(0, 7), st.sampled_from(READ_KINDS),
@@ -299,16 +280,7 @@ class Player:
 
 def kind_of(reply: bytes) -> int:
     """The oneof member of a reply."""
-    pos = 0
-    while True:
-        tag, pos = _varint_at(reply, pos)
-        if tag & 7 == 0:
-            _, pos = _varint_at(reply, pos)
-            continue
-        if tag >> 3 > 2:
-            return tag >> 3
-        length, pos = _varint_at(reply, pos)
-        pos += length
+    return next(f.number for f in fields_of(reply) or [] if f.number > 2)
 
 
 #: Replies holding a protobuf map: the engine writes its entries in hash order, which
@@ -318,40 +290,18 @@ MAP_REPLIES = frozenset({13, 14, 15})
 CONFIG_MAPS = frozenset({6, 7, 11})
 
 
-def _raw_fields(message: bytes) -> list[bytes]:
-    """Each field of ``message`` as its encoded bytes, in order."""
-    fields, pos = [], 0
-    while pos < len(message):
-        start = pos
-        tag, pos = _varint_at(message, pos)
-        if tag & 7 == 0:
-            _, pos = _varint_at(message, pos)
-        else:
-            length, pos = _varint_at(message, pos)
-            pos += length
-        fields.append(message[start:pos])
-    return fields
-
-
 def _comparable(reply: bytes) -> Any:
     kind = kind_of(reply)
     if kind not in MAP_REPLIES:
         return reply
-    *header, member = _raw_fields(reply)
-    entries = _raw_fields(_payload(member))
+    member = (fields_of(reply) or [])[-1]
+    entries = fields_of(reply, member.payload, member.end) or []
     if kind == 14 and entries:  # view_get_config: one ViewConfig, maps among its fields
-        config = _raw_fields(_payload(entries[0]))
-        return (*header, kind,
-                [f for f in config if _varint_at(f, 0)[0] >> 3 not in CONFIG_MAPS],
-                sorted(f for f in config if _varint_at(f, 0)[0] >> 3 in CONFIG_MAPS))
-    return (*header, kind, sorted(entries))
-
-
-def _payload(field: bytes) -> bytes:
-    """The bytes of one encoded length-delimited field."""
-    _, start = _varint_at(field, 0)
-    _, start = _varint_at(field, start)
-    return field[start:]
+        config = fields_of(reply, entries[0].payload, entries[0].end) or []
+        return (reply[:member.start], kind,
+                [reply[f.start:f.end] for f in config if f.number not in CONFIG_MAPS],
+                sorted(reply[f.start:f.end] for f in config if f.number in CONFIG_MAPS))
+    return (reply[:member.start], kind, sorted(reply[f.start:f.end] for f in entries))
 
 
 def in_batches(replies: list[bytes]) -> list[Any]:
@@ -363,7 +313,7 @@ def in_batches(replies: list[bytes]) -> list[Any]:
     run: dict[int, list[bytes]] = {}
     for reply in replies:
         if kind_of(reply) in NOTIFICATIONS:
-            run.setdefault(_varint_at(reply, 1)[0], []).append(reply)
+            run.setdefault(read_varint(reply, 1)[0], []).append(reply)
             continue
         if run:
             out.append(sorted(run.items()))
