@@ -126,12 +126,19 @@ step = st.one_of(
 Script = list[tuple[int, tuple[Any, ...]]]
 
 
-def _opening(config: int, steps: Script) -> Script:
-    # Every client starts on the same view: the case sharing exists for.
-    return [(who, ("make", config)) for who in range(3)] + steps
+def _opening(config: int, modes: tuple[str, ...], steps: Script) -> Script:
+    # Every client starts on the same view, most of them subscribed to it as a viewer is:
+    # the case sharing exists for.
+    made: Script = [(who, ("make", config)) for who in range(3)]
+    subscribed: Script = [(who, ("subscribe", 0, mode)) for who, mode in enumerate(modes)
+                          if mode != "off"]
+    return made + subscribed + steps
 
 
-scripts = st.builds(_opening, _config, st.lists(st.tuples(st.integers(0, 2), step), max_size=40))
+scripts = st.builds(
+    _opening, _config, st.tuples(*[st.sampled_from(["off", *_MODES])] * 3),
+    st.lists(st.tuples(st.integers(0, 2), step), max_size=40),
+)
 
 
 @dataclass

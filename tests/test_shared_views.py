@@ -83,6 +83,24 @@ async def test_sharing_is_invisible_to_clients(script: list[tuple[int, tuple[Any
      (2, ("update", [4])), (2, ("unsubscribe", 0, 0)), (2, ("update", [5])),
      (2, ("min_max", 0, "nope")), (2, ("from_view", 0)), (2, ("delete", 0)),
      (2, ("read", 0, 12, (0, 0, 0, 0)))],
+    # The engine turns a view's row deltas on with its first row-mode subscription and never
+    # off: a subscriber without a mode then gets deltas on a view of its own, even after the
+    # row-mode one ended, and never on a view only another client's subscription turned on.
+    [(0, ("make", 0)), (1, ("make", 0)), (2, ("make", 0)), (1, ("subscribe", 0, "row")),
+     (1, ("unsubscribe", 0, 0)), (1, ("subscribe", 0, "none")), (0, ("update", [0]))],
+    [(0, ("make", 0)), (1, ("make", 0)), (2, ("make", 0)), (1, ("subscribe", 0, "row")),
+     (2, ("subscribe", 0, "none")), (0, ("set_depth", 0, 1)), (1, ("set_depth", 0, 1)),
+     (2, ("set_depth", 0, 1)), (0, ("update", [1, 2]))],
+    # A subscription the client kept on the shared view when its view was copied, then a
+    # row-mode subscription of its own view: the first gets the deltas too.
+    [(0, ("make", 0)), (1, ("make", 0)), (2, ("make", 0)), (2, ("subscribe", 0, "none")),
+     (2, ("set_depth", 0, 1)), (2, ("subscribe", 0, "row")), (0, ("update", [1, 2]))],
+    [(0, ("make", 0)), (1, ("make", 0)), (1, ("subscribe", 0, "row")),
+     (0, ("subscribe", 0, "row")), (0, ("unsubscribe", 0, 0)), (0, ("subscribe", 0, "none")),
+     (1, ("hang_up",)), (0, ("set_depth", 0, 1)), (2, ("update", [3]))],
+    [(0, ("make", 0)), (1, ("make", 0)), (0, ("subscribe", 0, "row")),
+     (0, ("unsubscribe", 0, 0)), (0, ("subscribe", 0, "none")), (0, ("set_depth", 0, 1)),
+     (2, ("update", [3]))],
 ])
 async def test_a_fixed_script_is_invisible_too(script: list[tuple[int, tuple[Any, ...]]]) -> None:
     assert await _received(script, share=True) == await _received(script, share=False)

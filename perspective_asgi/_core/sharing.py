@@ -21,20 +21,25 @@ of that view instead of a new one:
 What a client sees is what its own view would have shown, byte for byte, ids aside. Three
 engine behaviours shape that:
 
-* a subscription without a mode gets the row delta too when its view also has a row-mode
-  subscription; so a shared feed's delta is stripped for the subscribers that asked for none;
+* a view's first row-mode subscription turns its row deltas on for good, and from then on
+  every subscription of it gets the delta, with a mode or without; so each alias remembers
+  whether its own view would have them on, a shared feed's delta is stripped for the
+  subscribers whose view would not, and a copy made for an alias whose view would is
+  turned on first (a row-mode subscription, ended at once);
 * on a grouped view (``group_by`` or ``split_by``) the second delta-carrying subscription
   of a view gets a different delta than the first (each one consumes the view's change set);
   so an alias asking for a delta on a grouped view, or for a second subscription of any kind,
   gets a view of its own with its subscriptions registered natively, in its order;
 * a subscription without a mode carries only the port of the update, the same for every view
   of a table; so an alias that copies its view on write keeps that subscription on the
-  shared view's feed (it *borrows* it), with no instant where an update could be lost.
+  shared view's feed (it *borrows* it), with no instant where an update could be lost,
+  until it turns its own view's deltas on.
 
-Copying a view whose alias already holds a subscription with a delta re-registers it on the
-new view; an update the engine dispatches at that instant, on another thread, may reach the
-alias twice or not at all. Only a client that asks for a second subscription on one view, or
-changes the depth of a flat view it subscribed to in row mode, can meet it.
+Moving a subscription to another engine view (a copy, or the alias's own view when it stops
+borrowing) subscribes there before it leaves the old one: an update the engine dispatches at
+that instant, on another thread, may reach the alias twice, never not at all. Only a client
+that asks for a second subscription on one view, or changes the depth of a view it
+subscribed to, can meet it.
 """
 
 from __future__ import annotations
@@ -84,6 +89,9 @@ PURE_VIEW_KINDS = frozenset({10, 12, 13, 14, 15, 16, 20, 24, 25, 26, 36})
 #: ``num_changed: 0``): only a grouped view has rows to expand.
 _FLAT_NO_OPS = frozenset({18, 19})
 
+#: ``ViewOnUpdateReq`` with ``mode: ROW``.
+_ROW_MODE = encode_field(1, 0)
+
 Deliver = Callable[[bytes], object]
 
 
@@ -131,8 +139,8 @@ class _Feed:
 class _EngineView:
     """A view of the private session, and who uses it."""
 
-    __slots__ = ("aliases", "borrowers", "config", "engine_id", "feeds", "grouped", "key",
-                 "native", "table")
+    __slots__ = ("aliases", "borrowers", "config", "deltas", "engine_id", "feeds", "grouped",
+                 "key", "native", "table")
 
     def __init__(self, engine_id: str, table: str, config: bytes | None) -> None:
         self.engine_id = engine_id
@@ -149,6 +157,10 @@ class _EngineView:
         self.feeds: dict[tuple[int, bytes], _Feed] = {}
         #: Feeds of one subscriber each, registered in the alias's order (a private view).
         self.native: list[_Feed] = []
+        #: The engine computes row deltas for this view, and sends them to every
+        #: subscription of it, with a mode or not: from its first row-mode subscription on,
+        #: for good (the engine never turns them off).
+        self.deltas = False
 
     @property
     def unused(self) -> bool:
@@ -158,11 +170,14 @@ class _EngineView:
 class _Alias:
     """One client view id of one connection, and the engine view behind it."""
 
-    __slots__ = ("client_id", "on_delete", "source", "subscriptions", "view")
+    __slots__ = ("client_id", "deltas", "on_delete", "source", "subscriptions", "view")
 
     def __init__(self, client_id: str, view: _EngineView) -> None:
         self.client_id = client_id
         self.view = view
+        #: The client asked for a row-mode subscription of this view once: a view of its
+        #: own would have deltas on (``_EngineView.deltas``) from then on.
+        self.deltas = False
         #: A table was made from it: its (private) engine view must outlive the alias if
         #: the engine refuses to delete a view with a table depending on it.
         self.source = False
@@ -280,7 +295,7 @@ class SharedViews:
         with self._lock:
             if view.key is None and view.aliases == 1:
                 return  # private already
-            if view.aliases == 1 and not view.borrowers:
+            if view.aliases == 1 and not view.borrowers and view.deltas == alias.deltas:
                 # Nobody else sees this view: it becomes the alias's own, as it is.
                 self._unindex(view)
                 for feed in view.feeds.values():
@@ -292,6 +307,9 @@ class SharedViews:
         copy, reply = self._create(view.table, view.config)
         if copy is None:
             raise RuntimeError(f"the engine refused to copy a view it made: {reply!r}")
+        if alias.deltas:
+            self._enable_deltas(copy)
+            borrow = False  # the copy sends deltas to every subscription: the shared one may not
         alias.view = copy
         moved = [
             (msg_id, feed, subscriber)
@@ -306,10 +324,33 @@ class SharedViews:
             view.aliases -= 1
             self.aliases -= 1  # the copy counted the alias again
         for msg_id, feed, subscriber in moved:
-            native = self.subscribe(copy, feed.kind, feed.mode, subscriber.deliver,
-                                    subscriber.header, strip=False)
-            alias.subscriptions[msg_id] = (native, native.subscribers[0])
-            self._run(self._leave(feed, subscriber))
+            self._move(alias, msg_id, feed, subscriber)
+        with self._lock:
+            actions = self._drop(view) if view.unused else []
+        self._run(actions)
+
+    def _enable_deltas(self, view: _EngineView) -> None:
+        # The one way there is: a row-mode subscription, ended at once.
+        msg_id = self._next_msg_id()
+        self._open().handle_request(encode_message(msg_id, view.engine_id, VIEW_ON_UPDATE,
+                                                   _ROW_MODE))
+        self._run([(VIEW_REMOVE_ON_UPDATE, view.engine_id, encode_field(1, msg_id))])
+        view.deltas = True
+
+    def stop_borrowing(self, alias: _Alias) -> None:
+        """Feed the borrowed subscriptions of a private ``alias`` from its own view: it is
+        about to ask for a delta, which its own view then sends them too."""
+        for msg_id, (feed, subscriber) in list(alias.subscriptions.items()):
+            if subscriber.borrowed:
+                self._move(alias, msg_id, feed, subscriber)
+
+    def _move(self, alias: _Alias, msg_id: int, feed: _Feed, subscriber: _Subscriber) -> None:
+        # Subscribed before it leaves the old feed: an update at that instant may come twice
+        # (a client rereads the view), never not at all.
+        native = self.subscribe(alias.view, feed.kind, feed.mode, subscriber.deliver,
+                                subscriber.header, strip=False)
+        alias.subscriptions[msg_id] = (native, native.subscribers[0])
+        self._run(self._leave(feed, subscriber))
 
     def release(self, alias: _Alias, *, deleted: bool = False) -> None:
         """End every subscription of ``alias`` and drop its view, if it was the last user.
@@ -350,6 +391,7 @@ class SharedViews:
                 return feed
             feed = _Feed(kind, mode, self._next_msg_id(), view)
             feed.subscribers = (subscriber,)
+            view.deltas |= _enables_deltas(kind, mode)
             if private:
                 view.native.append(feed)
             else:
@@ -507,19 +549,23 @@ class ViewRouter:
     def _copies_on(self, alias: _Alias, kind: int, mode: bytes) -> bool:
         if alias.view.key is None:
             return False  # private: subscriptions are native already
-        wants_delta = kind != VIEW_ON_UPDATE or bool(mode)
-        return bool(alias.subscriptions) or (wants_delta and alias.view.grouped)
+        return bool(alias.subscriptions) or (_wants_delta(kind, mode) and alias.view.grouped)
 
     def _subscribe(self, alias: _Alias, kind: int, envelope: Envelope) -> None:
         mode = bytes(envelope.body)
+        enables = _enables_deltas(kind, mode)
         if self._copies_on(alias, kind, mode):
             self._shared.make_private(alias, borrow=False)
+        elif alias.view.key is None and enables:
+            self._shared.stop_borrowing(alias)
         feed = self._shared.subscribe(
             alias.view, kind, mode, self._deliver,
             encode_header(envelope.msg_id, alias.client_id),
-            strip=kind == VIEW_ON_UPDATE and not mode and alias.view.key is not None,
+            strip=(kind == VIEW_ON_UPDATE and not mode and alias.view.key is not None
+                   and not alias.deltas),
         )
         alias.subscriptions[envelope.msg_id] = (feed, feed.subscribers[-1])
+        alias.deltas |= enables
 
     def _unsubscribe(self, alias: _Alias, kind: int, envelope: Envelope) -> None:
         target = read_id(envelope.body)
@@ -631,6 +677,19 @@ def _is_error(reply: bytes) -> bool:
 def _readdressed(reply: bytes, msg_id: int, entity_id: str) -> bytes:
     _, start = split_header(reply)
     return encode_header(msg_id, entity_id) + reply[start:]
+
+
+def _wants_delta(kind: int, mode: bytes) -> bool:
+    """Whether a subscription's updates carry rows: any but ``on_update`` without a mode."""
+    return kind != VIEW_ON_UPDATE or bool(mode)
+
+
+def _enables_deltas(kind: int, mode: bytes) -> bool:
+    """Whether a subscription turns its view's row deltas on: ``on_update`` in row mode."""
+    if kind != VIEW_ON_UPDATE:
+        return False
+    chosen = [value for number, value in read_fields(mode) if number == 1]
+    return bool(chosen) and chosen[-1] == 0
 
 
 def _is_grouped(config: bytes | None) -> bool:
