@@ -6,6 +6,7 @@ rounds and talk to the parent over a pipe:
 
 - fan-out: connect and subscribe, send "ready"; then for each ``(first, last)`` window the
   parent sends, reply with what arrived of those batches; "done" closes everything.
+- viewer: the same protocol, with subscribers that read a window after each notification.
 - idle: connect each batch of ``params["batches"]``, send "ready" after each; "next" connects
   the next batch, "done" replies with how many are still open and closes everything.
 - churn: for each cycle count the parent sends, run that many cycles and reply; "done" ends.
@@ -242,7 +243,7 @@ def loadgen(kind: str, url: str, count: int, params: dict[str, Any], pipe: Any) 
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    coroutine = {"fanout": _fanout, "idle": _idle, "churn": _churn}[kind]
+    coroutine = {"fanout": _fanout, "viewer": _viewer, "idle": _idle, "churn": _churn}[kind]
     asyncio.run(coroutine(url, count, params, pipe))
 
 
@@ -292,8 +293,11 @@ async def _fanout(url: str, count: int, params: dict[str, Any], pipe: Any) -> No
     async def subscribe(index: int, client: Client) -> Any:
         async with gate:
             table = await client.perspective.open_table("feed")
-            view = await table.view(columns=["seq", "ts"])
+            view = await table.view(columns=["seq", "ts"], **view_config(params, index))
             await view.on_update(callback_for(index), mode="row")
+            # ``on_update`` resolves once its request is sent: a round trip makes sure the
+            # server has subscribed before the parent starts the feed.
+            await view.num_rows()
             return view
 
     views = await asyncio.gather(*(subscribe(i, c) for i, c in enumerate(clients)))
@@ -307,9 +311,11 @@ async def _fanout(url: str, count: int, params: dict[str, Any], pipe: Any) -> No
         first, last = window
         sent = last - first + 1
         delivered = [len({s for s in got if first <= s <= last}) for got in seen]
+        missing = sorted({s for got in seen for s in range(first, last + 1) if s not in got})
         closed = sum(1 for c in clients if c.close_code is not None)
         pipe.send({
             "delivered": sum(delivered), "expected": sent * len(clients),
+            "missing": [s - first for s in missing[:10]],
             "latencies": random.sample(latencies, min(len(latencies), 20000)),
             "messages": messages[0], "closed": closed,
             "loadgen_cpu_s": time.process_time() - cpu_mark,
@@ -320,6 +326,96 @@ async def _fanout(url: str, count: int, params: dict[str, Any], pipe: Any) -> No
         messages[0] = 0
         cpu_mark = time.process_time()
     del views
+    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+def view_config(params: dict[str, Any], index: int) -> dict[str, Any]:
+    """The view of subscriber ``index``: with ``params["mixed"]``, every other one gets a
+    configuration of its own (a filter no other view has, which keeps every row), and the
+    rest one configuration they all share (the same filter, the same cost)."""
+    if not params.get("mixed"):
+        return {}
+    bound = -1 if index % 2 == 0 else -(os.getpid() * 1_000_000 + index + 1)
+    return {"filter": [["k", ">", bound]]}
+
+
+async def _viewer(url: str, count: int, params: dict[str, Any], pipe: Any) -> None:
+    """Subscribers shaped like a datagrid: ``on_update`` without a mode, and on each
+    notification a read of the top ``params["window"]`` rows (newest first), one read in
+    flight per subscriber, a notification during a read making one more read after it.
+
+    Per window: notifications received (``delivered`` of ``expected``: one per update and
+    subscriber), and for each newest row first shown, how old it was when its read returned.
+    """
+    clients = await _connect_many(url, count)
+    rows = params.get("window", 50)
+    notified = [0] * count
+    shown = [0] * count
+    latencies: list[float] = []
+    reads = [0]
+
+    class Reader:
+        def __init__(self, index: int, view: Any) -> None:
+            self.index, self.view = index, view
+            self.busy = self.dirty = False
+            self.task: asyncio.Future[None] | None = None  # held: the loop keeps weak refs
+
+        def on_update(self, *_port: Any) -> None:
+            notified[self.index] += 1
+            if self.busy:
+                self.dirty = True
+            else:
+                self.busy = True
+                self.task = asyncio.ensure_future(self.read())
+
+        async def read(self) -> None:
+            try:
+                while True:
+                    self.dirty = False
+                    columns = await self.view.to_columns(start_row=0, end_row=rows)
+                    reads[0] += 1
+                    if columns["seq"] and columns["seq"][0] > shown[self.index]:
+                        shown[self.index] = columns["seq"][0]
+                        latencies.append((time.time() - columns["ts"][0]) * 1e3)
+                    if not self.dirty:
+                        return
+            finally:
+                self.busy = False
+
+    gate = asyncio.Semaphore(50)
+
+    async def subscribe(index: int, client: Client) -> Reader:
+        async with gate:
+            table = await client.perspective.open_table("feed")
+            view = await table.view(columns=["seq", "ts"], sort=[["seq", "desc"]])
+            reader = Reader(index, view)
+            await view.on_update(reader.on_update)
+            await view.num_rows()  # subscribed, as in ``_fanout``
+            return reader
+
+    readers = await asyncio.gather(*(subscribe(i, c) for i, c in enumerate(clients)))
+    pipe.send("ready")
+    loop = asyncio.get_running_loop()
+    cpu_mark = time.process_time()
+    while True:
+        window = await loop.run_in_executor(None, pipe.recv)
+        if window == "done":
+            break
+        first, last = window
+        sent = last - first + 1
+        pipe.send({
+            "delivered": sum(min(n, sent) for n in notified), "expected": sent * count,
+            "latencies": random.sample(latencies, min(len(latencies), 20000)),
+            "messages": reads[0],
+            "current": sum(1 for s in shown if s == last),
+            "closed": sum(1 for c in clients if c.close_code is not None),
+            "loadgen_cpu_s": time.process_time() - cpu_mark,
+        })
+        notified[:] = [0] * count
+        latencies.clear()
+        reads[0] = 0
+        cpu_mark = time.process_time()
+    del readers
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 

@@ -477,7 +477,8 @@ def serve(config: dict[str, Any], pipe: Any) -> None:
     opened = OpenSessions() if impl == "ours" else None
     from perspective_asgi import Settings
 
-    settings = Settings(observer=opened.observer if opened is not None else None)
+    settings = Settings(observer=opened.observer if opened is not None else None,
+                        share_views=config.get("share_views", True))
 
     if config.get("cpus"):
         pin_process(set(config["cpus"]))

@@ -441,6 +441,8 @@ def _fanout_window(args: argparse.Namespace, server: ServerProcess,
         "coalesced": stopped["coalesced"],
         "loadgen_cpu_s": sum(r["loadgen_cpu_s"] for r in replies),
     })
+    # Which updates of the window someone missed (offsets from its first), if any.
+    record["missing"] = sorted({m for r in replies for m in r.get("missing", [])})[:10]
     record["ok"] = record["delivered"] >= 0.999 and record["lat_p99_ms"] <= 100
     return record
 
