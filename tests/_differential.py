@@ -46,6 +46,10 @@ def _view_configs() -> list[bytes | None]:
         {"columns": ["a", "c"]},
         {"group_by": ["b"], "aggregates": {"c": "avg"}},
         {"columns": ["nope"]},  # the engine refuses it
+        # Maps of several entries: the variant below writes them in the other order.
+        {"group_by": ["b"], "columns": ["a", "c", "e"],
+         "aggregates": {"a": "avg", "c": "sum", "e": "max"},
+         "expressions": {"e": '"a" * 2', "f": '"c" + 1'}},
     ]
     server = perspective.Server()
     server.new_local_client().table(ROWS, name=TABLE, index="a")
@@ -62,7 +66,19 @@ def _view_configs() -> list[bytes | None]:
         if body is not None:
             configs.append(_member(body, 2))
     assert len(configs) == len(shapes), configs
-    return configs
+    last = configs[-1]
+    assert last is not None
+    return [*configs, _reversed_maps(last)]
+
+
+def _reversed_maps(config: bytes) -> bytes:
+    """``config`` with the entries of each map field in the opposite order: the same
+    configuration as another client may encode it (the stock clients use hash order)."""
+    fields = fields_of(config) or []
+    plain = [config[f.start:f.end] for f in fields if f.number not in CONFIG_MAPS]
+    entries = [config[f.start:f.end] for f in fields if f.number in CONFIG_MAPS]
+    assert len(entries) >= 4, "the map shape lost its entries"
+    return b"".join(plain) + b"".join(reversed(entries))
 
 
 def _member(message: bytes, number: int) -> bytes | None:
@@ -72,6 +88,9 @@ def _member(message: bytes, number: int) -> bytes | None:
             return message[f.payload:f.end]
     return None
 
+
+#: The map fields of a ``ViewConfig`` (expressions, aggregates, windows).
+CONFIG_MAPS = frozenset({6, 7, 11})
 
 CONFIGS = _view_configs()
 
@@ -98,8 +117,10 @@ def viewport(start_row: int, end_row: int, start_col: int, end_col: int) -> byte
 
 # Steps: each a tuple whose first item names it; slots pick among a client's views and
 # subscriptions by index, modulo how many it has (a deleted view stays pickable).
-# Views collide often: most steps pick the default or the group-by view.
-_config = st.one_of(st.sampled_from([0, 1]), st.integers(0, len(CONFIGS) - 1))
+# Views collide often: most steps pick the default view, the group-by view, or one of the two
+# encodings of the map-heavy view.
+_config = st.one_of(st.sampled_from([0, 1, len(CONFIGS) - 2, len(CONFIGS) - 1]),
+                    st.integers(0, len(CONFIGS) - 1))
 _make = st.tuples(st.just("make"), _config)
 _update = st.tuples(st.just("update"), st.lists(st.integers(0, 11), min_size=1, max_size=4))
 _MODES = ["none", "row"] + ([] if IS_4X else ["remove"])
@@ -293,8 +314,6 @@ def kind_of(reply: bytes) -> int:
 #: Replies holding a protobuf map: the engine writes its entries in hash order, which
 #: differs between two views of one configuration, shared or not.
 MAP_REPLIES = frozenset({13, 14, 15})
-#: The map fields of a ``ViewConfig`` (expressions, aggregates, windows).
-CONFIG_MAPS = frozenset({6, 7, 11})
 
 
 def _comparable(reply: bytes) -> Any:

@@ -134,20 +134,25 @@ class _CountingSession:
 
 
 @pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("encodings", [
+    pytest.param([CONFIGS[1]], id="one-encoding"),
+    # One configuration with its map entries written in two orders, as stock clients do.
+    pytest.param([CONFIGS[-2], CONFIGS[-1]], id="map-orders"),
+])
 async def test_fifty_identical_views_cost_one_engine_view(
-    share: bool, new_transport: NewTransport
+    share: bool, encodings: list[bytes | None], new_transport: NewTransport
 ) -> None:
     counting = _CountingServer()
     counting.server.new_local_client().table(ROWS, name=TABLE, index="a")
     settings = Settings(share_views=share)
     transports = [new_transport() for _ in range(50)]
     bridges = [SessionBridge(counting, settings) for _ in transports]
-    config = length_delimited(2, CONFIGS[1] or b"")
     async with contextlib.AsyncExitStack() as stack:
         for bridge, transport in zip(bridges, transports, strict=True):
             await stack.enter_async_context(serving(bridge, transport))
         for number, transport in enumerate(transports):
-            body = length_delimited(1, f"view-{number}".encode()) + config
+            config = encodings[number % len(encodings)] or b""
+            body = length_delimited(1, f"view-{number}".encode()) + length_delimited(2, config)
             await transport.feed(request(7, TABLE, 6, body),
                                  request(8, f"view-{number}", ON_UPDATE))
             assert kind_of(await transport.next_reply()) == 6

@@ -2,9 +2,10 @@
 
 Every viewer of a dashboard asks for the same view of the same table, and the engine would
 recompute each of those views on every update. With sharing, a ``table_make_view`` of a
-``perspective.Server`` whose table and configuration bytes equal those of a live view (the
-stock clients encode identical configurations identically; no fuzzy matching) gets an *alias*
-of that view instead of a new one:
+``perspective.Server`` whose table and configuration equal those of a live view, byte for
+byte but for the order of map entries (``aggregates``, ``expressions``, ``windows``: the stock
+clients write them in hash order; no other matching), gets an *alias* of that view instead of
+a new one:
 
 * the engine views belong to one private session per engine (``SharedViews``), are counted
   by aliases, and are deleted with their last alias;
@@ -88,6 +89,10 @@ PURE_VIEW_KINDS = frozenset({10, 12, 13, 14, 15, 16, 20, 24, 25, 26, 36})
 #: ``view_expand`` and ``view_collapse`` change nothing on a flat view (they answer
 #: ``num_changed: 0``): only a grouped view has rows to expand.
 _FLAT_NO_OPS = frozenset({18, 19})
+
+#: The map fields of ``ViewConfig`` (``expressions``, ``aggregates``, ``windows``): the stock
+#: clients write their entries in hash order, different for two requests of one configuration.
+_CONFIG_MAPS = frozenset({6, 7, 11})
 
 #: ``ViewOnUpdateReq`` with ``mode: ROW``.
 _ROW_MODE = encode_field(1, 0)
@@ -256,7 +261,7 @@ class SharedViews:
     def view_for(self, table: str, config: bytes | None) -> tuple[_EngineView | None, bytes]:
         """Return a shared view of ``table`` with ``config`` and its ``table_make_view``
         reply, or ``None`` and the engine's error."""
-        key = (table, config)
+        key = (table, _config_key(config))
         with self._lock:
             view = self._index.get(key)
             if view is not None:
@@ -690,6 +695,30 @@ def _enables_deltas(kind: int, mode: bytes) -> bool:
         return False
     chosen = [value for number, value in read_fields(mode) if number == 1]
     return bool(chosen) and chosen[-1] == 0
+
+
+def _config_key(config: bytes | None) -> bytes | None:
+    """``config`` with the entries of its map fields sorted: two configurations equal but for
+    that order share a view. Anything else keeps its bytes as they are."""
+    if not config:
+        return config
+    plain = b""
+    maps: dict[int, dict[bytes, bytes]] = {}
+    for number, value in read_fields(config):
+        if number in _CONFIG_MAPS and isinstance(value, memoryview):
+            name = b""
+            for inner, inner_value in read_fields(value):
+                if inner == 1 and isinstance(inner_value, memoryview):
+                    name = bytes(inner_value)
+            # A name given twice: the last entry is the one the engine keeps.
+            maps.setdefault(number, {})[name] = bytes(value)
+        else:
+            plain += _field(number, value)
+    key = plain + b"".join(encode_field(number, maps[number][name])
+                           for number in sorted(maps) for name in sorted(maps[number]))
+    # Shorter when a field was left out by ``read_fields`` (fixed-width) or re-encoded
+    # shorter (an overlong varint), or when a name was given twice: keep the bytes then.
+    return key if len(key) == len(config) else config
 
 
 def _is_grouped(config: bytes | None) -> bool:
