@@ -39,6 +39,8 @@ from ._helpers import (
 
 BROWSER_DIR = Path(__file__).parent / "browser"
 SCRIPT = BROWSER_DIR / "dashboard.mjs"
+#: Three pages of the dashboard on one server.
+SHARED_SCRIPT = BROWSER_DIR / "shared.mjs"
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "artifacts" / "dashboard.png"
 #: Set to 1 to refresh the screenshot the README shows, docs/dashboard.png.
@@ -96,15 +98,17 @@ def node() -> str:
 
 
 class Browser:
-    """The browser script as a subprocess whose stdout JSON lines are read as they come.
+    """A browser script as a subprocess whose stdout JSON lines are read as they come.
 
     The methods block (they wait on the script): async tests call them through ``in_thread``.
     """
 
-    def __init__(self, node: str, url: str, logs: Path, *options: str) -> None:
+    def __init__(
+        self, node: str, url: str, logs: Path, *options: str, script: Path = SCRIPT
+    ) -> None:
         self.stderr_path = logs / "browser-stderr.txt"
         args = [
-            node, str(SCRIPT), "--timeout", str(STEP_TIMEOUT_MS),
+            node, str(script), "--timeout", str(STEP_TIMEOUT_MS),
             "--deadline", str(SCRIPT_DEADLINE_MS), *options, url,
         ]
         with open(self.stderr_path, "wb") as stderr:
@@ -163,9 +167,11 @@ class Browser:
 
 
 @contextlib.asynccontextmanager
-async def browsing(node: str, url: str, logs: Path, *options: str) -> AsyncIterator[Browser]:
-    """Run the browser script on ``url``; end it and its browser afterwards, whatever happened."""
-    browser = Browser(node, url, logs, *options)
+async def browsing(
+    node: str, url: str, logs: Path, *options: str, script: Path = SCRIPT
+) -> AsyncIterator[Browser]:
+    """Run a browser script on ``url``; end it and its browser afterwards, whatever happened."""
+    browser = Browser(node, url, logs, *options, script=script)
     try:
         yield browser
     finally:
@@ -221,6 +227,28 @@ def row_cells(grid: dict[str, Any], width: int) -> list[list[str]]:
 def assert_no_errors(result: dict[str, Any]) -> None:
     errors = result["errors"]
     assert errors == {"page": [], "console": [], "requests": []}, json.dumps(errors, indent=1)
+
+
+def sample(metrics: str, name: str, default: float | None = None) -> float:
+    """Return the value of the sample ``name`` (labels included) in Prometheus text."""
+    for line in metrics.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    assert default is not None, f"no {name} in /metrics"
+    return default
+
+
+def sharing_gauges(metrics: str) -> tuple[float, float, float]:
+    """Return the engine views serving aliases, the aliases, and the engine views saved."""
+    names = ("shared_views", "view_aliases", "engine_views_saved")
+    views, aliases, saved = (sample(metrics, f"perspective_{name}") for name in names)
+    return views, aliases, saved
+
+
+def requests_of(metrics: str, kind: str) -> float:
+    """Return how many requests of ``kind`` the server has answered."""
+    return sample(metrics, f'perspective_request_seconds_count{{kind="{kind}"}}', 0.0)
 
 
 def read_metrics(port: int) -> str:
@@ -351,3 +379,64 @@ async def test_dashboard_reconnects_after_a_server_restart(node: str, tmp_path: 
         if not (entry["stage"] in ("restart", "reconnect") and refused.fullmatch(entry["message"]))
     ]
     assert_no_errors(result)
+
+
+async def test_three_pages_share_one_engine_view(node: str, tmp_path: Path) -> None:
+    port = free_port()
+    async with server_process(uvicorn_args(port), tmp_path, port=port):
+        async with browsing(
+            node, f"http://127.0.0.1:{port}/", tmp_path, "--config", json.dumps(ORDERS_SORTED),
+            "--pivot", json.dumps(ORDERS_BY_REGION), script=SHARED_SCRIPT,
+        ) as browser:
+            result = await in_thread(browser.report)
+        assert_no_errors(result)
+
+        # The three pages open on the live table, configured alike: one engine view serves
+        # the three, each page's one view of it an alias.
+        initial = result["initial"]
+        pages = initial["pages"]
+        assert [page["config"]["table"] for page in pages] == ["prices"] * 3
+        assert pages[0]["config"] == pages[1]["config"] == pages[2]["config"]
+        # Prices move between reads, but the symbols (the index, so the order) do not.
+        symbols = [[row[:1] for row in page["grid"]["rows"]] for page in pages]
+        assert len(symbols[0]) >= 10
+        expected = await server_rows(port, "prices", len(symbols[0]), columns=["symbol"])
+        assert symbols == [expected] * 3
+        assert requests_of(initial["metrics"], "table_make_view") == 3
+        assert sharing_gauges(initial["metrics"]) == (1, 3, 2)
+
+        # Each page picked "orders" (a view of it) and restored the sorted configuration (a
+        # view again), deleting the view it replaced each time: one view each, shared again.
+        configured = result["configured"]
+        grids = [page["grid"] for page in configured["pages"]]
+        assert grids[0]["headers"] == ORDERS_SORTED["columns"]
+        assert grids[0] == grids[1] == grids[2]
+        shown = grids[0]["rows"]
+        assert len(shown) >= 10
+        sorted_config = {key: ORDERS_SORTED[key] for key in ("columns", "sort")}
+        assert shown == await server_rows(port, "orders", len(shown), **sorted_config)
+        metrics = configured["metrics"]
+        assert (requests_of(metrics, "table_make_view"), requests_of(metrics, "view_delete")) \
+            == (9, 6)
+        assert sharing_gauges(metrics) == (1, 3, 2)
+
+        # The first page pivots: a view of its own, and the shared one keeps two aliases.
+        pivoted = result["pivoted"]
+        assert pivoted["page"]["config"]["group_by"] == ORDERS_BY_REGION["group_by"]
+        width = len(ORDERS_BY_REGION["columns"])
+        shown = row_cells(pivoted["page"]["grid"], width + 1)
+        assert len(shown) == 1 + len({"North", "South", "East", "West", "Central"})
+        grouped_config = {key: ORDERS_BY_REGION[key] for key in ("group_by", "columns", "sort")}
+        assert shown == await server_rows(port, "orders", len(shown), **grouped_config)
+        metrics = pivoted["metrics"]
+        assert (requests_of(metrics, "table_make_view"), requests_of(metrics, "view_delete")) \
+            == (10, 7)
+        assert sharing_gauges(metrics) == (2, 3, 1)
+
+        # The other two, drawn again from their views (a read each), still show the sorted
+        # rows, unpivoted.
+        redrawn = result["redrawn"]
+        assert [page["grid"] for page in redrawn["pages"]] == grids[1:]
+        reads = requests_of(redrawn["metrics"], "view_to_columns_string")
+        assert reads >= requests_of(metrics, "view_to_columns_string") + 2
+        assert sharing_gauges(redrawn["metrics"]) == (2, 3, 1)
