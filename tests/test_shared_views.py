@@ -34,6 +34,7 @@ from ._differential import (
     kind_of,
     request,
     scripts,
+    viewport,
 )
 from ._frames import key, length_delimited, varint
 from ._helpers import (
@@ -167,6 +168,47 @@ async def test_fifty_identical_views_cost_one_engine_view(
             update = next(r for r in replies if kind_of(r) == ON_UPDATE)
             assert update.startswith(key(1, 0) + varint(8)
                                      + length_delimited(2, f"view-{number}".encode()))
+    assert sharing.totals() == (0, 0)
+
+
+async def test_viewers_reading_one_window_cost_the_engine_one_read_per_update(
+    new_transport: NewTransport
+) -> None:
+    server = perspective.Server()
+    server.new_local_client().table(ROWS, name=TABLE, index="a")
+    transports = [new_transport() for _ in range(20)]
+    bridges = [SessionBridge(server, Settings()) for _ in transports]
+    newest_first = CONFIGS[4] or b""  # sort a desc
+    window = length_delimited(1, viewport(0, 3, 0, 3))
+    async with contextlib.AsyncExitStack() as stack:
+        for bridge, transport in zip(bridges, transports, strict=True):
+            await stack.enter_async_context(serving(bridge, transport))
+        for number, transport in enumerate(transports):
+            body = length_delimited(1, f"view-{number}".encode()) + length_delimited(
+                2, newest_first)
+            await transport.feed(request(7, TABLE, 6, body),
+                                 request(8, f"view-{number}", ON_UPDATE))
+            assert kind_of(await transport.next_reply()) == 6
+        [shared] = sharing._shared_views.values()
+        for a in (100, 200):
+            rows = length_delimited(4, f'[{{"a": {a}, "b": "q", "c": 2.5}}]'.encode())
+            await transports[0].feed(request(9, TABLE, TABLE_UPDATE, length_delimited(1, rows)))
+            engine_reads, cached_reads = shared.engine_reads, shared.cached_reads
+            bodies = set()
+            for number, transport in enumerate(transports):
+                # As a datagrid does: hear of the update, then read the window.
+                while kind_of(await transport.next_reply()) != ON_UPDATE:
+                    pass
+                await transport.feed(request(10, f"view-{number}", 24, window))  # to_columns
+                reply = await transport.next_reply()
+                assert reply.startswith(key(1, 0) + varint(10)
+                                        + length_delimited(2, f"view-{number}".encode()))
+                bodies.add(bytes(read_envelope(reply).body))
+            # One reply for all, computed once, and of the rows after this update.
+            [body] = bodies
+            assert f'"a":[{a},'.encode() in body, body
+            assert (shared.engine_reads - engine_reads, shared.cached_reads - cached_reads) \
+                == (1, len(transports) - 1)
     assert sharing.totals() == (0, 0)
 
 

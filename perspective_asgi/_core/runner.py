@@ -88,8 +88,8 @@ class RequestRunner:
     """Runs one connection's requests on its session, one at a time, and closes it once."""
 
     __slots__ = (
-        "_costs", "_engine_key", "_executor", "_handoff", "_inline_kinds", "_limiter", "_lock",
-        "_may_inline", "_on_closed", "_session", "kind", "name",
+        "_at_once", "_costs", "_engine_key", "_executor", "_handoff", "_inline_kinds",
+        "_limiter", "_lock", "_may_inline", "_on_closed", "_session", "kind", "name",
     )
 
     def __init__(
@@ -109,6 +109,10 @@ class RequestRunner:
         #: says which of them must not run on the loop however cheap their kind.
         self._may_inline: Callable[[Envelope], bool] | None = getattr(
             session, "may_run_inline", None
+        )
+        #: And which it answers without the engine: those run on the loop whatever else does.
+        self._at_once: Callable[[Envelope], bool] | None = getattr(
+            session, "answers_at_once", None
         )
         #: The connection's name, for log records.
         self.name = name
@@ -131,7 +135,11 @@ class RequestRunner:
     ) -> bool:
         """Whether a request of ``kind`` on ``table``, ``size`` bytes long, would run on the
         loop without waiting for anything."""
-        if self._costs is None or kind is None or registry.engine_is_busy(self._engine_key):
+        if self._costs is None or kind is None:
+            return False
+        if envelope is not None and self._at_once is not None and self._at_once(envelope):
+            return True
+        if registry.engine_is_busy(self._engine_key):
             return False
         if envelope is not None and self._may_inline is not None and not self._may_inline(
             envelope

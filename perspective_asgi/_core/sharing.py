@@ -97,6 +97,12 @@ _CONFIG_MAPS = frozenset({6, 7, 11})
 #: ``ViewOnUpdateReq`` with ``mode: ROW``.
 _ROW_MODE = encode_field(1, 0)
 
+#: Bytes of read replies a shared view keeps between two changes: a few windows of a grid.
+MAX_READ_BYTES = 4 * 1024 * 1024
+
+#: Generations of views, process-wide (``next`` of a count is atomic in CPython).
+_generations = itertools.count(1)
+
 Deliver = Callable[[bytes], object]
 
 
@@ -130,6 +136,7 @@ class _Feed:
         self.subscribers: tuple[_Subscriber, ...] = ()
 
     def dispatch(self, data: bytes, start: int) -> None:
+        self.view.changed()  # before anyone hears of the update, who may read it again
         body = data[start:]
         stripped: bytes | None = None
         for subscriber in self.subscribers:
@@ -144,8 +151,8 @@ class _Feed:
 class _EngineView:
     """A view of the private session, and who uses it."""
 
-    __slots__ = ("aliases", "borrowers", "config", "deltas", "engine_id", "feeds", "grouped",
-                 "key", "native", "table")
+    __slots__ = ("aliases", "borrowers", "config", "deltas", "engine_id", "feeds", "generation",
+                 "grouped", "key", "native", "read_bytes", "reads", "table")
 
     def __init__(self, engine_id: str, table: str, config: bytes | None) -> None:
         self.engine_id = engine_id
@@ -166,10 +173,24 @@ class _EngineView:
         #: subscription of it, with a mode or not: from its first row-mode subscription on,
         #: for good (the engine never turns them off).
         self.deltas = False
+        #: Replies to reads since the view last changed, by request kind and body: every
+        #: viewer reads the same window after each update (see ``SharedViews.read``).
+        self.reads: dict[tuple[int, bytes], bytes] = {}
+        self.read_bytes = 0
+        #: Changes each time the view may have changed: a read computed across one is stale.
+        self.generation = 0
 
     @property
     def unused(self) -> bool:
         return not self.aliases and not self.borrowers
+
+    def changed(self) -> None:
+        self.generation = next(_generations)
+        self.reads = {}
+        self.read_bytes = 0
+
+    def cached(self, kind: int, body: bytes) -> bytes | None:
+        return self.reads.get((kind, body)) if self.feeds else None
 
 
 class _Alias:
@@ -213,6 +234,9 @@ class SharedViews:
         #: Engine views alive, and aliases of them.
         self.views = 0
         self.aliases = 0
+        #: Reads answered by the engine, and from a shared view's replies (``read``).
+        self.engine_reads = 0
+        self.cached_reads = 0
         #: Connections using these views.
         self.connections = 0
 
@@ -290,6 +314,26 @@ class SharedViews:
             self.views += 1
             self.aliases += 1
         return view, reply
+
+    def read(self, view: _EngineView, kind: int, body: bytes) -> bytes:
+        """The engine's reply to a pure read of ``view``, computed once per change of it.
+
+        A shared view with a feed hears of every change before its subscribers do (the feed
+        clears the replies kept first), so a reply kept since is what the engine would say
+        again. One without a feed is never told, and keeps nothing.
+        """
+        kept = view.cached(kind, body)
+        if kept is not None:
+            self.cached_reads += 1
+            return kept
+        generation = view.generation
+        reply = self.call(kind, view.engine_id, body)
+        self.engine_reads += 1
+        if (view.feeds and view.generation == generation and not _is_error(reply)
+                and view.read_bytes + len(reply) <= MAX_READ_BYTES):
+            view.reads[(kind, body)] = reply
+            view.read_bytes += len(reply)
+        return reply
 
     def make_private(self, alias: _Alias, *, borrow: bool) -> None:
         """Give ``alias`` an engine view no other alias uses, before it changes its state.
@@ -404,6 +448,8 @@ class SharedViews:
             self._feeds[feed.msg_id] = feed
         # The engine answers a subscription with nothing until its first update.
         self._open().handle_request(encode_message(feed.msg_id, view.engine_id, kind, mode))
+        # A reply kept before the engine had the feed may miss a change nobody was told of.
+        view.changed()
         return feed
 
     # Under the lock: what to change, and which engine requests that takes -----------------
@@ -429,6 +475,8 @@ class SharedViews:
         view = feed.view
         if view.feeds.get((feed.kind, feed.mode)) is feed:
             del view.feeds[(feed.kind, feed.mode)]
+            if not view.feeds:
+                view.changed()  # nobody will tell it of changes any more
         if feed in view.native:
             view.native.remove(feed)
 
@@ -490,6 +538,16 @@ class ViewRouter:
         alias = self._aliases.get(envelope.entity_id)
         return alias is None or not self._copies_on(alias, kind, bytes(envelope.body))
 
+    def answers_at_once(self, envelope: Envelope) -> bool:
+        """Whether a request is a read the engine answered since its view last changed: its
+        reply is at hand, so it may run on the loop even while the engine is busy."""
+        kind = envelope.kind
+        if kind not in PURE_VIEW_KINDS:
+            return False
+        alias = self._aliases.get(envelope.entity_id)
+        return (alias is not None and alias.view.key is not None
+                and alias.view.cached(kind, bytes(envelope.body)) is not None)
+
     def handle_request(self, data: bytes) -> None:
         envelope = read_envelope(data)
         kind = envelope.kind
@@ -545,6 +603,9 @@ class ViewRouter:
             target = read_id(envelope.body)
             alias.on_delete = [msg_id for msg_id in alias.on_delete if msg_id != target]
             self._answer(envelope, alias)
+        elif kind in PURE_VIEW_KINDS and alias.view.key is not None:
+            reply = self._shared.read(alias.view, kind, bytes(envelope.body))
+            self._deliver(_readdressed(reply, envelope.msg_id, alias.client_id))
         else:
             if kind not in PURE_VIEW_KINDS and (alias.view.grouped or kind not in _FLAT_NO_OPS):
                 self._shared.make_private(alias, borrow=True)
