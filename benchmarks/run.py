@@ -473,7 +473,8 @@ def _fanout_paired(args: argparse.Namespace, stacks: list[str]) -> None:
             servers = start_servers([config(stack, i, tables=["feed"],
                                              feed_limit=args.feed_limit) for i in impls])
             gens = [_spawn_loadgens("fanout", s.url, level, _fanout_processes(level),
-                                    {"sample_rate": 1.0}) for s in servers]
+                                    {"sample_rate": 1.0, "decode_every": args.decode_every})
+                    for s in servers]
             ok = False
             try:
                 for gen in gens:
@@ -537,7 +538,7 @@ def _fanout_levels(args: argparse.Namespace, stacks: list[str]) -> None:
 def _fanout_level(args: argparse.Namespace, server: ServerProcess, stack: str, impl: str,
                   mode: str, level: int) -> bool:
     gens = _spawn_loadgens("fanout", server.url, level, _fanout_processes(level),
-                           {"sample_rate": 1.0})
+                           {"sample_rate": 1.0, "decode_every": args.decode_every})
     record: dict[str, Any] = {"scenario": "fanout", "stack": stack, "impl": impl,
                               "feed": mode, "clients": level}
     try:
@@ -944,6 +945,9 @@ def settings_rows(args: argparse.Namespace) -> list[list[str]]:
     """What each scenario ran with in this profile, and how long it took."""
     fanout = (f"{', '.join(map(str, args.clients))} subscribers, "
               f"{args.fanout_seconds} s windows of 100-row batches at 20 Hz")
+    if args.decode_every > 1:
+        fanout += (f"; every {args.decode_every}th subscriber decodes its updates, the others "
+                   "count messages")
     if args.fanout_paired:
         fanout += (f"; ours and the reference subscribed at once, {args.fanout_repeats} "
                    "alternated windows per feed (loop, thread"
@@ -1141,6 +1145,9 @@ def main() -> None:
                         help="fan-out subscriber counts (default: the profile's)")
     parser.add_argument("--feeds", nargs="+", choices=["loop", "thread"],
                         default=["loop", "thread"], help="fan-out feeds")
+    parser.add_argument("--decode-every", type=int, default=1, metavar="N",
+                        help="fan-out: only every Nth subscriber decodes its updates (latency "
+                             "and sequence check), the others count messages (default 1)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # A smoke run checks the code paths; its report must not land among the results.
