@@ -447,8 +447,17 @@ def _fanout_window(args: argparse.Namespace, server: ServerProcess,
     return record
 
 
-def _fanout_processes(level: int) -> int:
+def _fanout_processes(level: int, spare: bool = False) -> int:
+    if spare and level > 500:
+        return 3  # one more, to use the server core's idle time
     return 1 if level <= 100 else 2
+
+
+def _fanout_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {"sample_rate": 1.0, "decode_every": args.decode_every}
+    if args.loadgen_spare_cpu:
+        params["spare_cpus"] = PINNING["all_cpus"]
+    return params
 
 
 def run_fanout(args: argparse.Namespace, stacks: list[str]) -> None:
@@ -472,8 +481,8 @@ def _fanout_paired(args: argparse.Namespace, stacks: list[str]) -> None:
         for level in args.clients:
             servers = start_servers([config(stack, i, tables=["feed"],
                                              feed_limit=args.feed_limit) for i in impls])
-            gens = [_spawn_loadgens("fanout", s.url, level, _fanout_processes(level),
-                                    {"sample_rate": 1.0, "decode_every": args.decode_every})
+            processes = _fanout_processes(level, args.loadgen_spare_cpu)
+            gens = [_spawn_loadgens("fanout", s.url, level, processes, _fanout_params(args))
                     for s in servers]
             ok = False
             try:
@@ -537,8 +546,8 @@ def _fanout_levels(args: argparse.Namespace, stacks: list[str]) -> None:
 
 def _fanout_level(args: argparse.Namespace, server: ServerProcess, stack: str, impl: str,
                   mode: str, level: int) -> bool:
-    gens = _spawn_loadgens("fanout", server.url, level, _fanout_processes(level),
-                           {"sample_rate": 1.0, "decode_every": args.decode_every})
+    gens = _spawn_loadgens("fanout", server.url, level,
+                           _fanout_processes(level, args.loadgen_spare_cpu), _fanout_params(args))
     record: dict[str, Any] = {"scenario": "fanout", "stack": stack, "impl": impl,
                               "feed": mode, "clients": level}
     try:
@@ -945,6 +954,8 @@ def settings_rows(args: argparse.Namespace) -> list[list[str]]:
     """What each scenario ran with in this profile, and how long it took."""
     fanout = (f"{', '.join(map(str, args.clients))} subscribers, "
               f"{args.fanout_seconds} s windows of 100-row batches at 20 Hz")
+    if args.loadgen_spare_cpu:
+        fanout += "; load generators also on the server's CPU, at SCHED_IDLE priority"
     if args.decode_every > 1:
         fanout += (f"; every {args.decode_every}th subscriber decodes its updates, the others "
                    "count messages")
@@ -1148,6 +1159,9 @@ def main() -> None:
     parser.add_argument("--decode-every", type=int, default=1, metavar="N",
                         help="fan-out: only every Nth subscriber decodes its updates (latency "
                              "and sequence check), the others count messages (default 1)")
+    parser.add_argument("--loadgen-spare-cpu", action="store_true",
+                        help="fan-out: load generators also use the server CPU's idle time, "
+                             "at SCHED_IDLE priority (with --pin)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # A smoke run checks the code paths; its report must not land among the results.
