@@ -320,14 +320,8 @@ async def _fanout(url: str, count: int, params: dict[str, Any], pipe: Any) -> No
     light = [c for i, c in enumerate(clients) if i % decode_every]
     for client in light:
         client.counted = 0
-    pipe.send("ready")
-    loop = asyncio.get_running_loop()
-    cpu_mark = time.process_time()
-    while True:
-        window = await loop.run_in_executor(None, pipe.recv)
-        if window == "done":
-            break
-        first, last = window
+
+    def report(first: int, last: int) -> dict[str, Any]:
         sent = last - first + 1
         delivered = [len({s for s in got if first <= s <= last})
                      for i, got in enumerate(seen) if not i % decode_every]
@@ -336,21 +330,37 @@ async def _fanout(url: str, count: int, params: dict[str, Any], pipe: Any) -> No
             client.counted = 0
         missing = sorted({s for i, got in enumerate(seen) if not i % decode_every
                           for s in range(first, last + 1) if s not in got})
-        closed = sum(1 for c in clients if c.close_code is not None)
-        pipe.send({
+        reply = {
             "delivered": sum(delivered), "expected": sent * len(clients),
             "missing": [s - first for s in missing[:10]],
             "latencies": random.sample(latencies, min(len(latencies), 20000)),
-            "messages": messages[0], "closed": closed,
-            "loadgen_cpu_s": time.process_time() - cpu_mark,
-        })
+            "messages": messages[0],
+        }
         # Sequence numbers keep rising across windows, and ``seen`` is kept, so a late
         # arrival from an earlier window adds no latency sample to the next one.
         latencies.clear()
         messages[0] = 0
-        cpu_mark = time.process_time()
+        return reply
+
+    await _serve_windows(pipe, clients, report)
     del views
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def _serve_windows(pipe: Any, clients: list[Client],
+                         report: Callable[[int, int], dict[str, Any]]) -> None:
+    """Send "ready"; answer each ``(first, last)`` window the parent sends with
+    ``report(first, last)``, the connections closed and this process's CPU; return at
+    "done"."""
+    pipe.send("ready")
+    loop = asyncio.get_running_loop()
+    cpu_mark = time.process_time()
+    while (window := await loop.run_in_executor(None, pipe.recv)) != "done":
+        reply = report(*window)
+        reply["closed"] = sum(1 for c in clients if c.close_code is not None)
+        reply["loadgen_cpu_s"] = time.process_time() - cpu_mark
+        pipe.send(reply)
+        cpu_mark = time.process_time()
 
 
 def view_config(params: dict[str, Any], index: int) -> dict[str, Any]:
@@ -418,27 +428,21 @@ async def _viewer(url: str, count: int, params: dict[str, Any], pipe: Any) -> No
             return reader
 
     readers = await asyncio.gather(*(subscribe(i, c) for i, c in enumerate(clients)))
-    pipe.send("ready")
-    loop = asyncio.get_running_loop()
-    cpu_mark = time.process_time()
-    while True:
-        window = await loop.run_in_executor(None, pipe.recv)
-        if window == "done":
-            break
-        first, last = window
+
+    def report(first: int, last: int) -> dict[str, Any]:
         sent = last - first + 1
-        pipe.send({
+        reply = {
             "delivered": sum(min(n, sent) for n in notified), "expected": sent * count,
             "latencies": random.sample(latencies, min(len(latencies), 20000)),
             "messages": reads[0],
             "current": sum(1 for s in shown if s == last),
-            "closed": sum(1 for c in clients if c.close_code is not None),
-            "loadgen_cpu_s": time.process_time() - cpu_mark,
-        })
+        }
         notified[:] = [0] * count
         latencies.clear()
         reads[0] = 0
-        cpu_mark = time.process_time()
+        return reply
+
+    await _serve_windows(pipe, clients, report)
     del readers
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 

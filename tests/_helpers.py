@@ -12,6 +12,7 @@ import contextlib
 import importlib.resources
 import inspect
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -498,3 +499,28 @@ async def server_process(
         yield process
     finally:
         process.kill()  # SIGKILL: its wait returns at once, and runs even when cancelled
+
+
+class StdoutLines:
+    """A subprocess's stdout, read line by line on a thread, so that each wait is bounded."""
+
+    def __init__(self, popen: subprocess.Popen[str]) -> None:
+        self._popen = popen
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._popen.stdout is not None
+        with self._popen.stdout:
+            for line in self._popen.stdout:
+                self._lines.put(line)
+        self._lines.put(None)
+
+    def next(self, deadline: float) -> str | None:
+        """The next line, or ``None`` once stdout has ended; ``queue.Empty`` past ``deadline``
+        (a ``time.monotonic()`` value)."""
+        return self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+
+    def join(self, timeout: float) -> None:
+        self._reader.join(timeout)

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from ._helpers import (
     ROOT,
     SCENARIO_TIMEOUT,
     ServerProcess,
+    StdoutLines,
     connect,
     free_port,
     in_thread,
@@ -116,21 +116,12 @@ class Browser:
                 args, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
             )
         self.deadline = time.monotonic() + SCRIPT_DEADLINE_MS / 1000 + REPORT_GRACE
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        with self.popen.stdout:
-            for line in self.popen.stdout:
-                self._lines.put(line)
-        self._lines.put(None)
+        self._stdout = StdoutLines(self.popen)
 
     def next_message(self) -> dict[str, Any]:
         """Return the script's next JSON line; fail if it exits or runs out of time first."""
         try:
-            line = self._lines.get(timeout=max(0.0, self.deadline - time.monotonic()))
+            line = self._stdout.next(self.deadline)
         except queue.Empty:
             pytest.fail(f"no word from the browser script in time:\n{self.stderr}")
         if line is None:
@@ -163,7 +154,7 @@ class Browser:
                 self.popen.kill()
                 self.popen.wait()
         # Its stdout closes once the reader has seen the end of it.
-        self._reader.join(REPORT_GRACE)
+        self._stdout.join(REPORT_GRACE)
 
 
 @contextlib.asynccontextmanager

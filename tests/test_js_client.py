@@ -8,7 +8,6 @@ import os
 import queue
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 from perspective_asgi import AuthenticationFailed, HandshakeRequest, Policy, Settings
 from perspective_asgi._core import sharing
 
-from ._helpers import DEMO_ROWS, CountingFactory
+from ._helpers import DEMO_ROWS, CountingFactory, StdoutLines
 
 JS_DIR = Path(__file__).parent / "js"
 #: The JS client must match the server's major version (see tests/js/install.sh).
@@ -116,21 +115,12 @@ class Scenario:
             )
         # The script's own deadline, and time for node to start and exit.
         self.deadline = time.monotonic() + 8 * SHARED_STEP_TIMEOUT_MS / 1000 + 10
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        with self.popen.stdout:
-            for line in self.popen.stdout:
-                self._lines.put(line)
-        self._lines.put(None)
+        self._stdout = StdoutLines(self.popen)
 
     def next_message(self) -> dict[str, Any]:
         """Return the script's next JSON line; fail if it exits or runs out of time first."""
         try:
-            line = self._lines.get(timeout=max(0.0, self.deadline - time.monotonic()))
+            line = self._stdout.next(self.deadline)
         except queue.Empty:
             pytest.fail(f"no word from the JS scenario in time:\n{self.stderr}")
         if line is None:
@@ -165,7 +155,7 @@ class Scenario:
             self.popen.kill()
             return self.popen.wait()
         finally:
-            self._reader.join(10)
+            self._stdout.join(10)
 
 
 def test_stock_js_clients_share_one_view(

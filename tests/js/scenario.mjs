@@ -12,10 +12,11 @@
 // {"ok": false, "error": ...} with exit code 1.  Everything the client logs
 // itself goes to stderr.
 
-import { createRequire } from "node:module";
 import { readFileSync } from "node:fs";
 import path from "node:path";
-import { fileURLToPath, pathToFileURL } from "node:url";
+import { fileURLToPath } from "node:url";
+
+import { loadFrom, withTimeout } from "./_load.mjs";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const USAGE =
@@ -85,26 +86,6 @@ function parseArgs(argv) {
     if (!/^v[0-9]+$/.test(opts.flavour)) throw new Error(`bad flavour ${opts.flavour}`);
     if (!(opts.timeout > 0)) throw new Error("--timeout must be a positive number");
     return opts;
-}
-
-// Resolve and import a package as seen from the flavour folder.
-async function loadFrom(flavourDir, spec) {
-    const require = createRequire(path.join(flavourDir, "package.json"));
-    let resolved;
-    try {
-        resolved = require.resolve(spec);
-    } catch (e) {
-        throw new Error(`cannot resolve ${spec} from ${flavourDir} (run tests/js/install.sh): ${e.message}`);
-    }
-    return import(pathToFileURL(resolved).href);
-}
-
-function withTimeout(promise, ms, what) {
-    let timer;
-    const timeout = new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-    });
-    return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 // A row for `table.update` built from the schema.  With an integer index the
