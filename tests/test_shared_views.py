@@ -168,7 +168,11 @@ async def test_fifty_identical_views_cost_one_engine_view(
             update = next(r for r in replies if kind_of(r) == ON_UPDATE)
             assert update.startswith(key(1, 0) + varint(8)
                                      + length_delimited(2, f"view-{number}".encode()))
-    assert sharing.totals() == (0, 0)
+    # A connection whose last request (a subscription, which has no reply) ran in a worker
+    # thread is closed by that thread once it leaves the engine, maybe just after the
+    # connection's task has ended.
+    with anyio.fail_after(SCENARIO_TIMEOUT):
+        await _until(lambda: sharing.totals() == (0, 0))
 
 
 async def test_viewers_reading_one_window_cost_the_engine_one_read_per_update(
@@ -209,7 +213,8 @@ async def test_viewers_reading_one_window_cost_the_engine_one_read_per_update(
             assert f'"a":[{a},'.encode() in body, body
             assert (shared.engine_reads - engine_reads, shared.cached_reads - cached_reads) \
                 == (1, len(transports) - 1)
-    assert sharing.totals() == (0, 0)
+    with anyio.fail_after(SCENARIO_TIMEOUT):  # as in the test above
+        await _until(lambda: sharing.totals() == (0, 0))
 
 
 # Over every adapter, with the stock client ----------------------------------------------------
