@@ -1,14 +1,17 @@
-"""Data files read for serving: tables as Arrow IPC stream bytes, DuckDB databases as a server.
+"""Data files read for serving: tables as Arrow IPC stream bytes, databases as a server.
 
 Every table format is read with pyarrow and handed to Perspective as Arrow IPC stream bytes, the
-one input every supported perspective-python accepts. A failure raises ``LoadError`` with a
-one-line message naming the file.
+one input every supported perspective-python accepts. A DuckDB file and a PostgreSQL URL are
+served through Perspective's virtual servers. A failure raises ``LoadError`` with a one-line
+message naming the file (or the URL, without its password).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +28,20 @@ from ._types import SessionFactory
 
 __all__ = [
     "DATABASE_SUFFIXES",
+    "DATABASE_URL_SCHEMES",
+    "POSTGRES_SESSION_THREADS",
     "TABLE_SUFFIXES",
     "LoadError",
     "LoadedTable",
+    "PostgresServer",
     "Sources",
+    "is_database_url",
     "load_sources",
     "load_table",
     "open_duckdb",
+    "open_postgres",
     "read_table",
+    "redacted_url",
 ]
 
 StrPath: TypeAlias = "str | os.PathLike[str]"
@@ -58,8 +67,12 @@ class Sources:
 
     #: Table name to (Arrow IPC stream bytes, index column), as ``create_app(tables=...)`` takes.
     tables: Mapping[str, tuple[bytes, str | None]]
-    #: A DuckDB database's server; when set, ``tables`` is empty.
+    #: A database's server (DuckDB, PostgreSQL); when set, ``tables`` is empty.
     virtual_server: SessionFactory | None = None
+    #: Worker threads the server's sessions may use at once (``Settings.virtual_server_threads``):
+    #: 1 for DuckDB, whose one connection is not thread-safe; more for PostgreSQL, where each
+    #: session has a connection of its own.
+    virtual_server_threads: int = 1
 
 
 def _first_line(exc: BaseException) -> str:
@@ -138,6 +151,15 @@ TABLE_SUFFIXES: Mapping[str, tuple[str, Callable[[Path], pa.Table]]] = {
 
 #: Suffixes served through a virtual server rather than loaded into a table.
 DATABASE_SUFFIXES = frozenset({".duckdb"})
+#: URL schemes (lowercase) of databases served through Perspective's PostgreSQL virtual server.
+DATABASE_URL_SCHEMES = ("postgresql://", "postgres://")
+#: Worker threads for a PostgreSQL database's sessions, as many as ``Settings`` gives other
+#: requests: each session queries on its own connection, so one slow query need not hold up
+#: every other client of the process.
+POSTGRES_SESSION_THREADS = 8
+#: Seconds allowed for the connection that checks a database URL when serving starts, unless
+#: the URL sets ``connect_timeout`` itself.
+CONNECT_TIMEOUT = 10
 
 
 def _suffix(path: Path) -> str:
@@ -240,22 +262,195 @@ def open_duckdb(path: StrPath) -> SessionFactory:
     return server
 
 
+def is_database_url(source: StrPath) -> bool:
+    """Whether ``source`` is a PostgreSQL URL (``postgresql://`` or ``postgres://``)."""
+    return isinstance(source, str) and source.lower().startswith(DATABASE_URL_SCHEMES)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password, in the user part or the query, replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.partition(':')[0]}:***@{host}"
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if any(key == "password" for key, _ in query):
+            hidden = [(key, "***" if key == "password" else value) for key, value in query]
+            parts = parts._replace(query=urllib.parse.urlencode(hidden, safe="*"))
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:  # not parseable as a URL: show only its scheme
+        return url.partition("://")[0] + "://***"
+
+
+def _postgres_module(label: str) -> Any:
+    try:
+        from perspective.virtual_servers import postgres
+    except ImportError as exc:
+        if exc.name == "psycopg" or "psycopg" in str(exc):
+            raise LoadError(
+                f"{label}: serving a PostgreSQL database needs psycopg "
+                f"(pip install 'perspective-asgi[postgres]'): {_first_line(exc)}"
+            ) from None
+        import perspective
+
+        version = getattr(perspective, "__version__", "?")
+        raise LoadError(
+            f"{label}: perspective-python {version} ships no PostgreSQL virtual server "
+            "(perspective.virtual_servers.postgres, in 5.6.1)"
+        ) from None
+    _repair_run_query(postgres)
+    return postgres
+
+
+class _Probed(Exception):
+    pass
+
+
+class _ProbeConnection:
+    def __getattr__(self, name: str) -> Any:
+        raise _Probed(name)
+
+
+def _repair_run_query(module: Any) -> None:
+    """Replace ``module.run_query`` if it fails before it queries, as 5.6.1's does.
+
+    That one starts with ``datetime.now(datetime.UTC)``, where ``datetime`` is the class, which
+    has no ``UTC``: every query of the PostgreSQL virtual server raises ``AttributeError``. A
+    connection that raises on any use tells a working version (it reaches the connection)
+    from that one; the replacement runs the same query the same way.
+    """
+    try:
+        module.run_query(_ProbeConnection(), "SELECT 1")
+    except _Probed:
+        return
+    except AttributeError as exc:
+        if "UTC" not in str(exc):
+            raise
+    else:
+        return
+    log = module.logger
+    errors = module.psycopg.Error
+
+    def run_query(db: Any, query: str, execute: bool = False, cursor: bool = False) -> Any:
+        query = " ".join(query.split())
+        start = time.perf_counter()
+        try:
+            result = db.execute(query)
+        except errors as exc:
+            log.error(exc)
+            log.error(query)
+            raise
+        log.debug("%.6f s %s", time.perf_counter() - start, query)
+        if cursor:
+            return result
+        return None if execute else result.fetchall()
+
+    module.run_query = run_query
+
+
+class _PostgresSession:
+    """One client's session of Perspective's PostgreSQL virtual server, made on the first
+    request: Perspective's connects to the database when it is made, and requests run in a
+    worker thread while ``new_session`` runs on the event loop."""
+
+    def __init__(self, server: PostgresServer, callback: Callable[[bytes], Any]) -> None:
+        self._server = server
+        self._callback = callback
+        self._session: Any = None
+
+    def handle_request(self, request: bytes) -> None:
+        if self._session is None:
+            self._session = self._server.open_session(self._callback)
+        self._session.handle_request(request)
+
+    def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()  # closes the connection: PostgreSQL drops its temporary views
+
+
+class PostgresServer:
+    """A session factory for Perspective's PostgreSQL virtual server: one database connection
+    per client session, named ``perspective-asgi/<pid>`` in ``pg_stat_activity``."""
+
+    def __init__(self, conninfo: str, module: Any) -> None:
+        self.conninfo = conninfo
+        self._module = module
+
+    def new_session(self, callback: Callable[[bytes], Any]) -> _PostgresSession:
+        return _PostgresSession(self, callback)
+
+    def open_session(self, callback: Callable[[bytes], Any]) -> Any:
+        """Connect a session of Perspective's own; blocks until the database answers."""
+        conninfo = self.conninfo
+        conninfo_module = self._module.psycopg.conninfo
+        if "application_name" not in conninfo_module.conninfo_to_dict(conninfo):
+            # Which worker process holds a connection, for whoever reads pg_stat_activity.
+            conninfo = conninfo_module.make_conninfo(
+                conninfo, application_name=f"perspective-asgi/{os.getpid()}"
+            )
+        return self._module.PostgresVirtualSession(callback, conninfo)
+
+
+def open_postgres(url: str) -> PostgresServer:
+    """Return a virtual server for the tables of the PostgreSQL database at ``url``.
+
+    Its tables are named ``<schema>.<table>``. The database is connected to once, to report a
+    bad URL now rather than to every client; each client session then has its own connection.
+    """
+    label = redacted_url(url)
+    module = _postgres_module(label)
+    psycopg = module.psycopg
+    try:
+        options = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise LoadError(f"{label}: not a PostgreSQL URL: {_first_line(exc)}") from None
+    timeout = {} if "connect_timeout" in options else {"connect_timeout": CONNECT_TIMEOUT}
+    try:
+        with psycopg.connect(url, autocommit=True, **timeout) as connection:
+            connection.execute("SELECT 1")
+    except psycopg.Error as exc:
+        raise LoadError(f"{label}: cannot connect: {_first_line(exc)}") from None
+    return PostgresServer(url, module)
+
+
+def _open_database(source: StrPath) -> Sources:
+    if is_database_url(source):
+        return Sources(
+            tables={}, virtual_server=open_postgres(str(source)),
+            virtual_server_threads=POSTGRES_SESSION_THREADS,
+        )
+    return Sources(tables={}, virtual_server=open_duckdb(source))
+
+
+def _database_label(source: StrPath) -> tuple[str, str]:
+    """How errors name a database source, and its kind."""
+    if is_database_url(source):
+        return redacted_url(str(source)), "PostgreSQL"
+    return str(source), "DuckDB"
+
+
 def load_sources(
     paths: Sequence[StrPath], *, name: str | None = None, index: str | None = None
 ) -> Sources:
-    """Load ``paths`` for serving; a DuckDB database must come alone.
+    """Load ``paths`` for serving; a database (a DuckDB file, a PostgreSQL URL) must come alone.
 
     ``name`` renames the table of a single file; ``index`` applies to every table file.
     """
-    databases = [path for path in paths if _suffix(Path(path)) in DATABASE_SUFFIXES]
+    databases = [
+        path for path in paths
+        if is_database_url(path) or _suffix(Path(path)) in DATABASE_SUFFIXES
+    ]
     if databases:
+        label, kind = _database_label(databases[0])
         if len(paths) > 1:
-            raise LoadError(f"{databases[0]}: a DuckDB database must be the only file served")
+            what = "file" if kind == "DuckDB" else "source"
+            raise LoadError(f"{label}: a {kind} database must be the only {what} served")
         if name is not None or index is not None:
-            raise LoadError(
-                f"{databases[0]}: a table name or index does not apply to a DuckDB database"
-            )
-        return Sources(tables={}, virtual_server=open_duckdb(databases[0]))
+            raise LoadError(f"{label}: a table name or index does not apply to a {kind} database")
+        return _open_database(databases[0])
     if name is not None and len(paths) != 1:
         raise LoadError(f"a table name applies to exactly one file, not {len(paths)}")
     for path in paths:

@@ -2,13 +2,16 @@
 
 Each table file (CSV, Parquet, Arrow IPC/Feather, JSON, NDJSON) becomes a table named after the
 file's stem, hosted beside the demo tables unless ``--no-demo``. ``--index`` applies to every
-file, ``--name`` to a single one. A DuckDB database (``.duckdb``) is served read-only through
-Perspective's DuckDB virtual server; it must be the only file, and replaces the demo tables.
+file, ``--name`` to a single one. A DuckDB database (``.duckdb``) or a PostgreSQL URL
+(``postgresql://user@host:port/db``) is served read-only through Perspective's virtual server
+for it; it must be the only source, and replaces the demo tables. ``--workers N`` runs N
+processes, each building the same app from the same arguments (``worker_app``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -85,11 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Serve the dashboard at http://HOST:PORT/ and Perspective at /websocket. Each FILE "
             "(.csv, .parquet, .arrow, .feather, .ipc, .json, .ndjson, .jsonl) becomes a table "
-            "named after its stem. A .duckdb database is served read-only through Perspective's "
-            "DuckDB virtual server; it must be the only FILE and replaces the demo tables."
+            "named after its stem. A .duckdb database, or a PostgreSQL database given by its URL "
+            "(postgresql://user@host:port/db), is served read-only through Perspective's "
+            "virtual server for it; it must be the only FILE and replaces the demo tables."
         ),
     )
-    serve.add_argument("files", nargs="*", metavar="FILE", help="data files to serve")
+    serve.add_argument("files", nargs="*", metavar="FILE",
+                       help="data files to serve, or one database URL")
     serve.add_argument("--index", metavar="COL", help="index every table by column COL")
     serve.add_argument("--name", help="table name for the single FILE (default: its stem)")
     serve.add_argument("--no-demo", action="store_true", help="leave out the demo tables")
@@ -129,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
         help="accept permessage-deflate on websockets: less bandwidth, more server CPU "
         "(default: off)",
     )
+    serve.add_argument("--workers", type=_positive_int, default=1,
+                       help="worker processes, each loading the same FILEs or connecting to the "
+                       "same database (default: %(default)s)")
     edge = commands.add_parser(
         "edge",
         help="replicate an upstream Perspective server's tables and serve them",
@@ -218,6 +226,7 @@ def _build_app(args: argparse.Namespace) -> Any:
                 policy=Policy(tables=args.tables, allow_expressions=not args.no_expressions),
                 max_connections=args.max_connections,
                 max_requests_per_second=args.max_requests_per_second,
+                virtual_server_threads=sources.virtual_server_threads,
             ),
         )
     except ValueError as exc:
@@ -255,24 +264,55 @@ def _run(app: Any, args: argparse.Namespace, compression: bool) -> int:
     return 0 if server.started else 1
 
 
-def _serve(args: argparse.Namespace) -> int:
+#: The ``serve`` command line, as JSON, from which each ``--workers`` process builds its app.
+SERVE_ARGS_ENV = "PERSPECTIVE_ASGI_SERVE_ARGS"
+
+
+def worker_app() -> Any:
+    """Build the app of one ``serve --workers N`` process from the command's arguments."""
     try:
-        import uvicorn  # noqa: F401 - checked here for a one-line error
+        argv = json.loads(os.environ[SERVE_ARGS_ENV])
+        return _build_app(_parser().parse_args(argv))
+    except (KeyError, ValueError, UsageError) as exc:
+        if isinstance(exc, KeyError):
+            exc = UsageError(f"{SERVE_ARGS_ENV} is not set: run perspective-asgi serve --workers")
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        from uvicorn.config import STARTUP_FAILURE
+
+        # uvicorn's supervisor stops, rather than restarting a worker that cannot start.
+        sys.exit(STARTUP_FAILURE)
+
+
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    try:
+        import uvicorn
     except ImportError:
         raise UsageError(
             "serve needs uvicorn; pip install 'perspective-asgi[starlette,uvicorn]'"
         ) from None
-    return _run(_build_app(args), args, compression=args.compression)
+    # Built here even for workers: a bad file, option or database URL is one error line now,
+    # not one per worker. Workers are fresh processes (uvicorn spawns them), each of which
+    # builds its own app from the same arguments, with its own database connections.
+    app = _build_app(args)
+    if args.workers == 1:
+        return _run(app, args, compression=args.compression)
+    del app
+    os.environ[SERVE_ARGS_ENV] = json.dumps(list(argv))
+    # As with edge: uvicorn's supervisor runs its own server class in each worker.
+    uvicorn.run(f"{__name__}:worker_app", factory=True, workers=args.workers,
+                **_uvicorn_options(args, compression=args.compression))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``perspective-asgi`` with ``argv`` (``sys.argv[1:]`` if omitted); return its status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         try:
             args = _parser().parse_args(argv)
         except SystemExit as exc:  # --help
             return exc.code if isinstance(exc.code, int) else 0
-        return _edge(args) if args.command == "edge" else _serve(args)
+        return _edge(args) if args.command == "edge" else _serve(args, argv)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
