@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from typing import Any
 
 import anyio
 import perspective
@@ -86,3 +87,34 @@ async def test_stock_client_reads_the_rows(adapter: str, postgres: PostgresClust
     # Every session's connection is closed with it, and its views with the connection.
     postgres.wait_until("no sessions left", lambda: not postgres.sessions(), 5)
     assert postgres.temporary_relations() == []
+
+
+@needs_virtual_server
+async def test_four_workers_serve_one_database(postgres: PostgresCluster, tmp_path: Any) -> None:
+    import contextlib
+
+    from ._helpers import command, in_thread, server_process
+
+    port = free_port()
+    args = command("serve", postgres.url(), "--workers", "4", "--port", str(port))
+    async with server_process(args, tmp_path, port=port) as server:
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with contextlib.AsyncExitStack() as stack:
+                views: list[Any] = []
+                workers: set[str] = set()
+                while len(workers) < 4:
+                    assert len(views) < 120, f"only workers {workers} answered"
+                    conn = await stack.enter_async_context(connect(server.url))
+                    table = await conn.client.open_table(TABLE)
+                    view = await table.view(columns=list(ROWS), sort=[["id", "asc"]])
+                    assert await view.to_columns() == ROWS
+                    views.append(view)
+                    workers = {name for name, _, _ in postgres.sessions()}
+                postgres.execute(f"INSERT INTO {TABLE} VALUES (4, 'delta', 4.5)")
+                try:
+                    for view in views:
+                        assert (await view.to_columns())["id"] == [1, 2, 3, 4]
+                finally:
+                    postgres.execute(f"DELETE FROM {TABLE} WHERE id = 4")
+        await in_thread(server.stop)
+    assert "Traceback" not in server.stderr
