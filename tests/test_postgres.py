@@ -118,3 +118,41 @@ async def test_four_workers_serve_one_database(postgres: PostgresCluster, tmp_pa
                     postgres.execute(f"DELETE FROM {TABLE} WHERE id = 4")
         await in_thread(server.stop)
     assert "Traceback" not in server.stderr
+
+
+@needs_virtual_server
+async def test_aborted_clients_leave_nothing_in_the_database(
+    postgres: PostgresCluster, tmp_path: Any
+) -> None:
+    import time
+
+    from ._helpers import command, in_thread, server_process
+
+    port = free_port()
+    args = command("serve", postgres.url(), "--workers", "4", "--port", str(port))
+    async with server_process(args, tmp_path, port=port) as server:
+        limit = anyio.Semaphore(32)
+        views_seen = 0
+
+        async def cycle() -> None:
+            nonlocal views_seen
+            async with limit, connect(server.url) as conn:
+                table = await conn.client.open_table(TABLE)
+                await table.view(columns=list(ROWS))
+                views_seen += 1
+                conn.ws.transport.abort()  # gone without a word: no view.delete(), no close
+
+        start = time.monotonic()
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with anyio.create_task_group() as tasks:
+                for _ in range(1000):
+                    tasks.start_soon(cycle)
+        elapsed = time.monotonic() - start
+        assert views_seen == 1000
+        waited = await in_thread(postgres.wait_until, "every session closed",
+                                 lambda: not postgres.sessions(), 10)
+        assert postgres.temporary_relations() == []
+        assert postgres.foreign_locks() == []
+        print(f"1000 cycles in {elapsed:.1f} s; sessions gone {waited:.2f} s later")
+        await in_thread(server.stop)
+    assert "Traceback" not in server.stderr
