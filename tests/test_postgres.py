@@ -1,8 +1,8 @@
 """PostgreSQL served through Perspective's virtual server: a real server (``_postgres``), the
-stock client over every adapter, and the command line's errors.
+stock client over every adapter, ``serve --workers 4`` over one database, 1,000 aborted
+clients, and the command line's errors.
 
-Not yet here (see the report on issue 13): ``serve --workers 4`` over one database, 1,000
-abort cycles, a worker killed mid-query, and the docs/edge.md example.
+Not yet here (issue 13): a worker killed mid-query, and the docs/edge.md example.
 """
 
 from __future__ import annotations
