@@ -174,7 +174,8 @@ class _EngineView:
         #: for good (the engine never turns them off).
         self.deltas = False
         #: Replies to reads since the view last changed, by request kind and body: every
-        #: viewer reads the same window after each update (see ``SharedViews.read``).
+        #: viewer reads the same window after each update (see ``SharedViews.read``). Kept
+        #: only while the view has a feed, which tells it of changes: its last one clears them.
         self.reads: dict[tuple[int, bytes], bytes] = {}
         self.read_bytes = 0
         #: Changes each time the view may have changed: a read computed across one is stale.
@@ -190,7 +191,7 @@ class _EngineView:
         self.read_bytes = 0
 
     def cached(self, kind: int, body: bytes) -> bytes | None:
-        return self.reads.get((kind, body)) if self.feeds else None
+        return self.reads.get((kind, body))
 
 
 class _Alias:
