@@ -11,6 +11,10 @@ itself with a ``ServerError`` naming the close code, which fails the pending cal
 Subscriptions (``on_update``, ``on_delete``, ``on_hosted_tables_update``) are never answered
 once, so they are not tracked: they simply stop firing when the connection ends.
 
+``request`` sends a frame that did not come from the Perspective client (an edge forwards its
+own clients' writes this way) under a ``msg_id`` the client never uses, and picks its reply out
+before the client would see it.
+
 This module imports no websocket library; ``perspective_asgi.client`` (websockets) and
 ``perspective_asgi.testing`` (an in-process ASGI app) supply the channel.
 """
@@ -28,7 +32,13 @@ from typing import Any
 import perspective
 
 from ._codes import CloseCode
-from ._core.wire import encode_server_error, read_envelope, read_fields
+from ._core.wire import (
+    encode_header,
+    encode_server_error,
+    read_envelope,
+    read_fields,
+    split_header,
+)
 from ._exceptions import ConnectionClosed, PerspectiveASGIError, ProtocolError
 
 logger = logging.getLogger("perspective_asgi.client")
@@ -40,6 +50,16 @@ _SUBSCRIPTION_KINDS = frozenset({21, 29, 34, 39})
 _GET_HOSTED_TABLES = 4
 
 SendFrame = Callable[[bytes], Awaitable[None]]
+
+#: The first ``msg_id`` of ``ClientBridge.request``: Perspective's clients count theirs up from
+#: 1, and would need two billion requests on one connection to reach it.
+RAW_MSG_IDS = 1 << 31
+
+
+def readdress(frame: bytes, msg_id: int, entity_id: str) -> bytes:
+    """``frame`` (a request or a reply) with its ``msg_id`` replaced; the rest is untouched."""
+    _, start = split_header(frame)
+    return encode_header(msg_id, entity_id) + frame[start:]
 
 
 class ConnectError(PerspectiveASGIError):
@@ -113,6 +133,9 @@ class ClientBridge:
         self._send_frame = send_frame
         #: msg_id -> entity_id of every request sent and not yet answered.
         self._awaiting_reply: dict[int, str] = {}
+        #: msg_id -> the reply's future, for ``request``.
+        self._raw: dict[int, asyncio.Future[bytes]] = {}
+        self._next_raw = RAW_MSG_IDS
         self._closed = asyncio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
@@ -176,13 +199,39 @@ class ClientBridge:
             raise self._closed_error()
         asyncio.run_coroutine_threadsafe(self._send(data), loop).result()
 
+    async def request(self, frame: bytes) -> bytes:
+        """Send a request frame of one's own and return the server's reply to it.
+
+        The frame goes out under a ``msg_id`` of this bridge's; the reply comes back addressed
+        as ``frame`` was. Raises ``ConnectionClosed`` if the connection ends first: the server
+        may or may not have carried the request out.
+        """
+        if self.closed:
+            raise self._closed_error()
+        envelope = read_envelope(frame)
+        msg_id = self._next_raw
+        self._next_raw = msg_id + 1 if msg_id + 1 < 1 << 32 else RAW_MSG_IDS
+        reply = self._raw[msg_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._send_frame(readdress(frame, msg_id, envelope.entity_id))
+            answer = await reply
+        finally:
+            self._raw.pop(msg_id, None)
+        return readdress(answer, envelope.msg_id, envelope.entity_id)
+
     async def deliver(self, frame: bytes) -> None:
         """Hand one reply from the server to the client."""
         try:
-            self._awaiting_reply.pop(read_envelope(frame).msg_id, None)
+            msg_id = read_envelope(frame).msg_id
         except ProtocolError:
             logger.warning("dropped an undecodable %d-byte message from the server", len(frame))
             return
+        reply = self._raw.get(msg_id)
+        if reply is not None:
+            if not reply.done():
+                reply.set_result(frame)
+            return
+        self._awaiting_reply.pop(msg_id, None)
         await self._handle_response(frame)
 
     async def _handle_response(self, frame: bytes) -> None:
@@ -201,6 +250,9 @@ class ClientBridge:
         self.close_code = code
         self.close_reason = reason
         self._closed.set()
+        for reply in self._raw.values():
+            if not reply.done():
+                reply.set_exception(self._closed_error())
         await self._fail_awaiting()
 
     async def _fail_awaiting(self) -> None:

@@ -47,3 +47,8 @@ class AuthenticationFailed(PerspectiveASGIError):
 
 class LoadError(PerspectiveASGIError, ValueError):
     """A data file that cannot be served; the message names the file and what is wrong with it."""
+
+
+class UpstreamUnavailable(PerspectiveASGIError):
+    """An edge could not carry a write to its upstream; the message says whether it was
+    applied there."""

@@ -285,8 +285,9 @@ def create_app(
     ``perspective.Server``; it hosts its own tables, so it needs ``demo=False`` and no ``tables``.
 
     ``replica`` (a ``perspective_asgi.replica.Replica``) makes the app an edge: it serves the
-    replica's local server, runs the replica for the app's lifetime, and ``/readyz`` answers 503
-    while the replica is not synchronised with its upstream.
+    replica's local server, with clients' writes to replicated tables carried to the upstream
+    (``replica.write_through()``), runs the replica for the app's lifetime, and ``/readyz``
+    answers 503 while the replica is not synchronised with its upstream.
 
     ``/metrics`` counts every connection of the app: it serves ``settings.observer`` when
     that is a ``PrometheusObserver``, and otherwise the app's own (``app.state.metrics``),
@@ -298,10 +299,11 @@ def create_app(
     tables = tables or {}
     ticker: PriceTicker | None = None
     server: SessionFactory
+    served: SessionFactory | None = None
     if replica is not None:
         if demo or tables or virtual_server is not None:
             raise ValueError("an edge serves its replica's tables only: pass demo=False")
-        server = replica.server
+        server, served = replica.server, replica.write_through()
     elif virtual_server is not None:
         if demo or tables:
             raise ValueError(
@@ -323,7 +325,9 @@ def create_app(
         server = local
 
     settings, metrics_observer = _with_metrics(settings or Settings())
-    routes: list[BaseRoute] = [PerspectiveWebSocketRoute("/websocket", server, settings=settings)]
+    routes: list[BaseRoute] = [
+        PerspectiveWebSocketRoute("/websocket", served or server, settings=settings)
+    ]
     asset_url = os.environ.get(ASSET_URL_ENV) or None
     bundle = _bundle_directory()
     if asset_url is None and bundle is not None:

@@ -134,6 +134,16 @@ class Connection:
         """Return once the connection has ended, whichever side ended it."""
         await self._bridge.wait_closed()
 
+    async def request(self, frame: bytes) -> bytes:
+        """Send one Perspective request frame of one's own and return the server's reply.
+
+        For frames that did not come from ``client``, e.g. a request an edge forwards for one of
+        its own clients: the reply is addressed as ``frame`` was (its ``msg_id`` and entity),
+        and ``client`` never sees it. Raises ``ConnectionClosed`` if the connection ends
+        before the reply arrives, when the server may or may not have carried it out.
+        """
+        return await self._bridge.request(frame)
+
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close the websocket; calls still waiting for a reply fail."""
         self._closing = True

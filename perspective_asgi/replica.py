@@ -19,6 +19,9 @@ engine releases the GIL), so the event loop keeps serving the edge's clients.
 While the upstream is unreachable the local tables keep their last state and keep being
 served; ``ready`` is false until every table is synchronised again.
 
+The edge's clients' writes to replicated tables go upstream (``write``, used by
+``perspective_asgi._forward.WriteThrough``), so the copies change only as the upstream does.
+
 perspective-python 4.x has no ``on_remove``: rows removed upstream stay at the edge until the
 next resynchronisation (a reconnect).
 """
@@ -36,13 +39,22 @@ from typing import Any
 import anyio.to_thread
 import perspective
 
+from ._core.wire import SERVER_ERROR, TABLE_SIZE, encode_message, read_envelope
+from ._exceptions import ConnectionClosed, UpstreamUnavailable
+from ._forward import WriteThrough
 from .client import Connection, HeadersSource, reconnect
 
-__all__ = ["Replica", "TableStatus"]
+__all__ = ["Replica", "TableStatus", "UpstreamUnavailable"]
 
 logger = logging.getLogger("perspective_asgi.replica")
 
 MiB = 1024 * 1024
+
+#: The upstream connection's keepalive: a ping every 2 s, dropped if unanswered in 4 s. A lost
+#: upstream is then noticed within 6 s (websockets' default is 40 s), so writes are refused as
+#: undeliverable rather than left waiting for a link that may not come back.
+PING_INTERVAL = 2.0
+PING_TIMEOUT = 4.0
 
 
 @dataclass
@@ -79,10 +91,21 @@ class _Follower:
     generation: int = 0
     ops: deque[_Op] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Changes received, and changes applied (or skipped as stale), so far.
+    pushed: int = 0
+    applied: int = 0
+    #: Set, and replaced, after each batch: what ``wait_applied`` waits on.
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
 
     def push(self, kind: str, data: bytes, generation: int) -> None:
         self.ops.append(_Op(kind, bytes(data), generation))
+        self.pushed += 1
         self.wakeup.set()
+
+    async def wait_applied(self, mark: int) -> None:
+        """Return once the first ``mark`` changes received have been applied."""
+        while self.applied < mark:
+            await self.progress.wait()
 
     async def run(self) -> None:
         while True:
@@ -97,6 +120,10 @@ class _Follower:
                     logger.exception("table %r: applying the upstream's changes failed", self.name)
                     self.status.synced = False
                     self.on_error(f"table {self.name!r}: {exc}")
+                finally:
+                    self.applied += len(batch)
+                    self.progress.set()
+                    self.progress = asyncio.Event()
 
     def _apply(self, batch: list[_Op]) -> None:
         for op in batch:
@@ -159,6 +186,8 @@ class Replica:
         self._initial_delay = initial_delay
         self._max_delay = max_delay
         connect_options.setdefault("max_message_size", 1024 * MiB)
+        connect_options.setdefault("ping_interval", PING_INTERVAL)
+        connect_options.setdefault("ping_timeout", PING_TIMEOUT)
         self._connect_options = connect_options
         self._followers: dict[str, _Follower] = {}
         self._connection: Connection | None = None
@@ -170,6 +199,9 @@ class Replica:
         self.connections = 0
         #: Why the last connection ended or failed, if it did.
         self.last_error: str | None = None
+        #: The loop ``run`` runs on, while it runs.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._write_through: WriteThrough | None = None
 
     @property
     def ready(self) -> bool:
@@ -198,8 +230,54 @@ class Replica:
         """Wait until ``ready``."""
         await self._ready.wait()
 
+    def write_through(self) -> WriteThrough:
+        """The session factory to serve the edge's clients with: ``server``'s sessions, whose
+        writes to replicated tables are carried to the upstream (``perspective_asgi._forward``).
+        Serve ``server`` itself to let them change the local copies instead."""
+        if self._write_through is None:
+            self._write_through = WriteThrough(self)
+        return self._write_through
+
+    def follows(self, name: str) -> bool:
+        """Whether ``name`` is a table this replica copies (or will, once it is hosted)."""
+        return name in self._followers or (self.tables is not None and name in self.tables)
+
+    async def write(self, frame: bytes, table: str) -> bytes:
+        """Carry a write request on ``table`` to the upstream; return the upstream's reply.
+
+        A reply that is not an error is returned once the local copy holds the write too:
+        after it, one more request on the same connection (``table_size``), which the
+        upstream answers after it has sent every delta the write caused; then the wait for
+        the table's follower to apply the deltas received up to it.
+
+        Raises ``UpstreamUnavailable`` if there is no upstream connection (the write was not
+        applied) or it ends before the reply (it may have been).
+        """
+        connection = self._connection
+        if connection is None or not self._connected or connection.closed:
+            reason = self.last_error or "not connected yet"
+            raise UpstreamUnavailable(f"upstream unavailable: the write was not applied ({reason})")
+        try:
+            answer = await connection.request(frame)
+        except ConnectionClosed as exc:
+            raise UpstreamUnavailable(
+                f"the upstream connection was lost before it answered ({exc}): the write may "
+                "or may not have been applied"
+            ) from None
+        if read_envelope(answer).kind == SERVER_ERROR:
+            return answer
+        follower = self._followers.get(table)
+        try:
+            await connection.request(encode_message(0, table, TABLE_SIZE))
+        except ConnectionClosed:
+            return answer  # accepted; the next connection's snapshot holds it
+        if follower is not None:
+            await follower.wait_applied(follower.pushed)
+        return answer
+
     async def run(self) -> None:
         """Replicate until cancelled, reconnecting with backoff whenever the upstream is lost."""
+        self.loop = asyncio.get_running_loop()
         connections = reconnect(
             self.upstream,
             headers=self._headers,
@@ -225,6 +303,7 @@ class Replica:
                     continue
                 self._lost(f"the upstream connection closed (code {connection.close_code})")
         finally:
+            self.loop = None
             self._lost("stopped")
             await connections.aclose()
             for task in self._follower_tasks:

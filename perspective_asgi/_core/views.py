@@ -37,6 +37,7 @@ from .wire import (
     read_envelope,
     read_fields,
     read_make_view,
+    read_source_view,
 )
 
 #: ``StatusCode.VIEW_NOT_FOUND``: what the engine answers for a view it does not know.
@@ -85,7 +86,7 @@ class ViewGuard:
                 return _check_column_range(envelope.body)
             return None
         if kind in TABLE_DATA_REQUEST_KINDS:
-            source = _source_view(envelope.body)
+            source = read_source_view(envelope.body)
             if source is not None and source not in self._owned:
                 return _not_found(source)
             return None
@@ -163,16 +164,6 @@ def _check_column_range(body: bytes | memoryview) -> Refused | None:
     start, end = fields.get(1, 0), fields.get(2)
     if isinstance(start, int) and isinstance(end, int) and end < start:
         return Refused("invalid", f"column range ends ({end}) before it starts ({start})")
-    return None
-
-
-def _source_view(body: bytes | memoryview) -> str | None:
-    """Return the view id a ``MakeTableData`` (field 1 of ``body``) copies, if it names one."""
-    for number, data in read_fields(body):
-        if number == 1 and isinstance(data, memoryview):
-            for data_number, value in read_fields(data):
-                if data_number == 6 and isinstance(value, memoryview):  # from_view
-                    return str(value, "utf-8", "replace")
     return None
 
 

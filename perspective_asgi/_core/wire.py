@@ -60,6 +60,7 @@ TABLE_DATA_REQUEST_KINDS = frozenset({27, 31, 32, 33})
 
 GET_HOSTED_TABLES = 4
 TABLE_MAKE_VIEW = 6
+TABLE_SIZE = 8
 VIEW_COLUMN_PATHS = 10
 VIEW_DELETE = 11
 VIEW_ON_UPDATE = 21
@@ -69,6 +70,10 @@ VIEW_REMOVE_DELETE = 35
 VIEW_ON_REMOVE = 39
 VIEW_REMOVE_ON_REMOVE = 40
 MAKE_TABLE = 27
+TABLE_DELETE = 28
+TABLE_REMOVE = 31
+TABLE_REPLACE = 32
+TABLE_UPDATE = 33
 REMOVE_HOSTED_TABLES_UPDATE = 37
 MAKE_JOIN_TABLE = 38
 #: ``Response.server_error``: the member of the ``client_resp`` oneof that reports a failure.
@@ -283,3 +288,14 @@ def read_make_view(body: bytes | memoryview) -> tuple[str, bytes | None]:
         elif number == 2:
             configs.append(bytes(value))
     return view_id, b"".join(configs) if configs else None
+
+
+def read_source_view(body: bytes | memoryview) -> str | None:
+    """The view id a request's ``MakeTableData`` (field 1 of ``body``) copies, if it names one
+    (``from_view``, field 6)."""
+    for number, data in read_fields(body):
+        if number == 1 and isinstance(data, memoryview):
+            for data_number, value in read_fields(data):
+                if data_number == 6 and isinstance(value, memoryview):
+                    return str(value, "utf-8", "replace")
+    return None
