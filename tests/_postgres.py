@@ -4,7 +4,8 @@ The session-scoped fixture ``postgres`` runs ``initdb`` into a fresh directory (
 unprivileged ``postgres`` user when the tests run as root: initdb refuses root), starts
 ``postgres`` on a free loopback port with its unix socket in that directory, creates the
 database ``plant`` with the table ``readings`` (``ROWS``) and a login role ``reader`` that may
-only read it, and stops the server and removes the directory afterwards.
+only read it, and stops the server and removes the directory afterwards. A test that needs a
+query to take seconds makes one with ``PostgresCluster.slow_readings()``.
 
 Without the server binaries (Debian's ``postgresql`` package) or psycopg it skips, saying which
 is missing; under CI (``CI`` set) it fails instead, so CI never skips it (``.ci/run`` installs
@@ -26,6 +27,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -63,6 +65,41 @@ def server_binaries() -> Path | None:
         return found[-1]
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb else None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One client backend of the database, as ``pg_stat_activity`` shows it."""
+
+    pid: int
+    application_name: str
+    state: str | None
+    #: What it waits on, e.g. ``PgSleep`` inside ``pg_sleep``, ``ClientRead`` when idle.
+    wait_event: str | None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The perspective-asgi process it serves, from ``perspective-asgi/<pid>``."""
+        prefix, _, pid = self.application_name.partition("/")
+        return int(pid) if prefix == "perspective-asgi" and pid.isdigit() else None
+
+
+class SlowReadings:
+    """The view ``public.slow_readings``: ``readings`` again, but every query of it first sleeps
+    for as long as the one-row table ``public.pause`` says (0 s, until ``pause`` is called).
+
+    The sleep is an uncorrelated subquery, so it runs once per query rather than per row, and
+    only when rows are read: describing the view (``LIMIT 0``) stays instant.
+    """
+
+    name = "public.slow_readings"
+
+    def __init__(self, cluster: PostgresCluster) -> None:
+        self._cluster = cluster
+
+    def pause(self, seconds: float) -> None:
+        """Make every query of the view that starts from now on sleep ``seconds`` first."""
+        self._cluster.execute("UPDATE public.pause SET seconds = %s", seconds)
 
 
 class PostgresCluster:
@@ -106,6 +143,53 @@ class PostgresCluster:
             "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() "
             "AND datname = %s", DATABASE,
         )
+
+    def backends(self) -> list[Backend]:
+        """Every client backend of the database but the asking one."""
+        rows = self.query(
+            "SELECT pid, application_name, state, wait_event FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() "
+            "AND datname = %s", DATABASE,
+        )
+        return [Backend(*row) for row in rows]
+
+    def backend(self, pid: int) -> Backend | None:
+        """The client backend ``pid``, or ``None`` once it has gone."""
+        return next((backend for backend in self.backends() if backend.pid == pid), None)
+
+    def reader_setting(self, name: str) -> str:
+        """The value of the setting ``name`` in a session of the reader role."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as connection:
+            row = connection.execute("SELECT current_setting(%s)", (name,)).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    @contextlib.contextmanager
+    def slow_readings(self) -> Iterator[SlowReadings]:
+        """Create ``public.slow_readings`` (readable by the reader) and drop it after."""
+        with self.connect() as connection:
+            connection.execute("CREATE TABLE public.pause (seconds double precision NOT NULL)")
+            connection.execute("INSERT INTO public.pause VALUES (0)")
+            # pg_sleep returns void, which casts to '' (not null): the filter keeps every row.
+            connection.execute(
+                f"CREATE VIEW {SlowReadings.name} AS SELECT * FROM {TABLE} "
+                "WHERE (SELECT pg_sleep(seconds)::text FROM public.pause) IS NOT NULL"
+            )
+            # A view reads its tables as its owner: the reader needs the view alone.
+            connection.execute(f"GRANT SELECT ON {SlowReadings.name} TO {READER}")
+        try:
+            yield SlowReadings(self)
+        finally:
+            with self.connect() as connection:
+                # A session that a failed test left sleeping would hold the view for minutes.
+                connection.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE usename = %s AND wait_event = 'PgSleep'", (READER,),
+                )
+                connection.execute(f"DROP VIEW {SlowReadings.name}")
+                connection.execute("DROP TABLE public.pause")
 
     def temporary_relations(self) -> list[str]:
         """Every relation in a temporary schema: Perspective's views, while their session lives."""

@@ -1,15 +1,20 @@
 """PostgreSQL served through Perspective's virtual server: a real server (``_postgres``), the
 stock client over every adapter, ``serve --workers 4`` over one database, 1,000 aborted
-clients, and the command line's errors.
-
-Not yet here (issue 13): a worker killed mid-query, and the docs/edge.md example.
+clients, a worker killed in the middle of a query, and the command line's errors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,8 +24,26 @@ import pytest
 from perspective_asgi import Settings
 from perspective_asgi.cli import main
 
-from ._helpers import SCENARIO_TIMEOUT, START_TIMEOUT, connect, environment, free_port
-from ._postgres import ROWS, TABLE, PostgresCluster, postgres_fixture  # noqa: F401
+from ._helpers import (
+    SCENARIO_TIMEOUT,
+    START_TIMEOUT,
+    WAIT,
+    Connection,
+    command,
+    connect,
+    environment,
+    free_port,
+    in_thread,
+    server_process,
+)
+from ._postgres import (  # noqa: F401
+    CLIENT_CHECK,
+    ROWS,
+    TABLE,
+    Backend,
+    PostgresCluster,
+    postgres_fixture,
+)
 from ._servers import ADAPTERS, serve_in_thread
 
 pytestmark = pytest.mark.anyio
@@ -91,10 +114,6 @@ async def test_stock_client_reads_the_rows(adapter: str, postgres: PostgresClust
 
 @needs_virtual_server
 async def test_four_workers_serve_one_database(postgres: PostgresCluster, tmp_path: Any) -> None:
-    import contextlib
-
-    from ._helpers import command, in_thread, server_process
-
     port = free_port()
     args = command("serve", postgres.url(), "--workers", "4", "--port", str(port))
     async with server_process(args, tmp_path, port=port) as server:
@@ -124,10 +143,6 @@ async def test_four_workers_serve_one_database(postgres: PostgresCluster, tmp_pa
 async def test_aborted_clients_leave_nothing_in_the_database(
     postgres: PostgresCluster, tmp_path: Any
 ) -> None:
-    import time
-
-    from ._helpers import command, in_thread, server_process
-
     port = free_port()
     args = command("serve", postgres.url(), "--workers", "4", "--port", str(port))
     async with server_process(args, tmp_path, port=port) as server:
@@ -155,4 +170,107 @@ async def test_aborted_clients_leave_nothing_in_the_database(
         assert postgres.foreign_locks() == []
         print(f"1000 cycles in {elapsed:.1f} s; sessions gone {waited:.2f} s later")
         await in_thread(server.stop)
+    assert "Traceback" not in server.stderr
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of process ``pid``, from ``/proc`` (field 4 of ``stat``, after the name)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+@dataclass
+class WorkerClient:
+    """A client of one ``serve --workers`` process, with a table open through it."""
+
+    conn: Connection
+    table: Any
+    #: The database backend of the client's session.
+    backend: Backend
+
+
+async def a_client_of_each_worker(
+    stack: contextlib.AsyncExitStack[Any], url: str, table: str, postgres: PostgresCluster,
+    workers: int,
+) -> dict[int, WorkerClient]:
+    """Connect until ``workers`` processes each serve one client; by worker pid. Extra clients
+    stay connected until ``stack`` closes, so that the balancer moves on."""
+    clients: dict[int, WorkerClient] = {}
+    for _ in range(30 * workers):
+        known = {backend.pid for backend in postgres.backends()}
+        conn = await stack.enter_async_context(connect(url))
+        opened = await conn.client.open_table(table)  # the session's first request connects it
+        (backend,) = [found for found in postgres.backends() if found.pid not in known]
+        assert backend.worker_pid is not None, backend
+        clients.setdefault(backend.worker_pid, WorkerClient(conn, opened, backend))
+        if len(clients) == workers:
+            return clients
+    pytest.fail(f"only workers {sorted(clients)} took a client")
+
+
+#: Seconds the database may take to drop the backend of a client that vanished mid-query: the
+#: role's client_connection_check_interval (``CLIENT_CHECK``, 250 ms), plus a margin.
+DROP_BOUND = 2.0
+#: Seconds the killed query would sleep if nothing noticed its client had gone: far beyond
+#: ``DROP_BOUND``, so a backend that runs it to its end fails the test.
+KILLED_QUERY_SLEEP = 60.0
+
+
+async def read_columns(table: Any) -> dict[str, list[Any]]:
+    """The table's rows by a view made for the purpose, deleted after."""
+    view = await table.view(columns=list(ROWS), sort=[["id", "asc"]])
+    columns: dict[str, list[Any]] = await view.to_columns()
+    await view.delete()
+    return columns
+
+
+@needs_virtual_server
+async def test_a_worker_killed_mid_query_leaves_nothing_behind(
+    postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    # Without it the killed worker's backend would run its query to the end; the role sets it.
+    assert postgres.reader_setting("client_connection_check_interval") == CLIENT_CHECK
+    port = free_port()
+    args = command("serve", postgres.url(), "--workers", "2", "--port", str(port))
+    with postgres.slow_readings() as slow:
+        async with server_process(args, tmp_path, port=port) as server:
+            with anyio.fail_after(SCENARIO_TIMEOUT):
+                async with contextlib.AsyncExitStack() as stack:
+                    clients = await a_client_of_each_worker(stack, server.url, slow.name,
+                                                            postgres, workers=2)
+                    (doomed, victim), (_, survivor) = clients.items()
+                    assert parent_pid(doomed) == server.popen.pid  # a worker of ours
+                    pid = victim.backend.pid
+
+                    def sleeping() -> bool:
+                        backend = postgres.backend(pid)
+                        return backend is not None and backend.wait_event == "PgSleep"
+
+                    view = await victim.table.view(columns=list(ROWS), sort=[["id", "asc"]])
+                    assert len(postgres.temporary_relations()) == 1
+                    slow.pause(KILLED_QUERY_SLEEP)
+                    reading = asyncio.ensure_future(view.to_columns())
+                    await in_thread(postgres.wait_until, "the doomed worker's query sleeps",
+                                    sleeping, WAIT)
+                    assert any(lock[0] == pid for lock in postgres.foreign_locks())
+                    os.kill(doomed, signal.SIGKILL)
+                    dropped = await in_thread(postgres.wait_until, "its backend gone",
+                                              lambda: postgres.backend(pid) is None, DROP_BOUND)
+                    slow.pause(0)
+                    # Its temporary view went with its backend, and so did its locks; the
+                    # survivor's session, idle, holds none.
+                    assert postgres.temporary_relations() == []
+                    assert postgres.foreign_locks() == []
+                    with anyio.fail_after(WAIT):
+                        await victim.conn.ws.wait_closed()
+                    reading.cancel()
+
+                    # The other worker serves the same table, views and all, and so does
+                    # whichever worker takes a new client.
+                    assert await survivor.table.size() == 3
+                    assert await read_columns(survivor.table) == ROWS
+                    async with connect(server.url) as conn:
+                        assert await read_columns(await conn.client.open_table(slow.name)) == ROWS
+            print(f"the killed worker's backend was gone {dropped:.2f} s after SIGKILL")
+            await in_thread(server.stop)
     assert "Traceback" not in server.stderr
