@@ -19,6 +19,7 @@ from ._exceptions import (
     PerspectiveASGIError,
     ProtocolError,
 )
+from ._loaders import postgres_server
 from ._observer import SessionObserver
 from ._types import Transport
 from .adapters._handshake import origin_allowed
@@ -42,4 +43,5 @@ __all__ = [
     "Transport",
     "close_all_connections",
     "origin_allowed",
+    "postgres_server",
 ]

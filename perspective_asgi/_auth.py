@@ -11,6 +11,7 @@ the query string or a cookie; scripts may also use the ``Authorization`` header.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -96,3 +97,14 @@ def _parse_cookies(header: str) -> dict[str, str]:
             value = value[1:-1]
         cookies.setdefault(name, value)
     return cookies
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """A ``NAME:VALUE`` command-line argument as a header's name and value.
+
+    Raises ``argparse.ArgumentTypeError``, which argparse reports as a usage error.
+    """
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
+    return name.strip(), value.strip()

@@ -40,6 +40,7 @@ __all__ = [
     "load_table",
     "open_duckdb",
     "open_postgres",
+    "postgres_server",
     "read_table",
     "redacted_url",
 ]
@@ -414,6 +415,19 @@ def open_postgres(url: str) -> PostgresServer:
     except psycopg.Error as exc:
         raise LoadError(f"{label}: cannot connect: {_first_line(exc)}") from None
     return PostgresServer(url, module)
+
+
+def postgres_server(url: str) -> SessionFactory:
+    """Return a session factory for the PostgreSQL database at ``url``, read through
+    Perspective's virtual server (perspective-python 5.6.1 or later, with psycopg).
+
+    Each client session gets a connection of its own, named ``perspective-asgi/<pid>`` in
+    ``pg_stat_activity`` unless ``url`` names one; its views are temporary views, which the
+    database drops with the connection. Tables are named ``<schema>.<table>``. Connects once
+    now, so a bad URL raises ``LoadError`` (a ``PerspectiveASGIError``) here rather than in
+    every session, as does a perspective-python without the virtual server.
+    """
+    return open_postgres(url)
 
 
 def _open_database(source: StrPath) -> Sources:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from ._auth import parse_header
 from ._config import Settings
 from ._core.policy import Policy
 
@@ -157,7 +158,16 @@ def _parser() -> argparse.ArgumentParser:
     edge.add_argument("--workers", type=_positive_int, default=1,
                       help="worker processes, each its own replica (default: %(default)s)")
     edge.add_argument("--read-only", action="store_true",
-                      help="refuse changes from the edge's clients")
+                      help="refuse changes from the edge's clients (by default their writes to "
+                      "replicated tables are carried to the upstream)")
+    edge.add_argument("-H", "--header", action="append", type=parse_header, default=[],
+                      metavar="NAME:VALUE",
+                      help="a handshake header for the upstream, e.g. 'Authorization: Bearer "
+                      "...'; repeatable")
+    edge.add_argument("--header-file", metavar="PATH",
+                      help="a file of 'Name: value' header lines for the upstream, read again "
+                      "before every connection (a rotated credential is used at the next one; "
+                      "unlike --header, not shown by ps)")
     for command in (serve, edge):
         _add_server_arguments(command)
     return parser
@@ -188,6 +198,12 @@ def _edge(args: argparse.Namespace) -> int:
     os.environ[edge.UPSTREAM_ENV] = args.upstream
     os.environ[edge.EDGE_TABLES_ENV] = ",".join(sorted(args.tables or ()))
     os.environ[READ_ONLY_ENV] = "1" if args.read_only else "0"
+    os.environ[edge.HEADERS_ENV] = json.dumps(dict(args.header))
+    os.environ[edge.HEADER_FILE_ENV] = args.header_file or ""
+    try:
+        edge.edge_options_from_env()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.workers > 1:
         # uvicorn's supervisor runs its own server class in each worker: at shutdown the
         # websockets get uvicorn's 1012 (service restart), which clients reconnect after.

@@ -66,6 +66,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'perspective_asgi.client needs websockets>=13: pip install "perspective-asgi[client]"'
     ) from exc
 
+from ._auth import parse_header
 from ._client import ClientBridge, ConnectError
 from ._codes import CloseCode
 from ._exceptions import ConnectionClosed
@@ -464,13 +465,6 @@ async def _describe(url: str, headers: Mapping[str, str], out: TextIO) -> None:
                 out.write(f"  {column:<{width}}  {schema[column]}\n")
 
 
-def _parse_header(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition(":")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
-    return name.strip(), value.strip()
-
-
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """List the tables a Perspective websocket server hosts; return the exit status."""
     parser = argparse.ArgumentParser(
@@ -479,7 +473,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         "sizes and schemas.",
     )
     parser.add_argument("url", help="e.g. ws://127.0.0.1:8000/websocket")
-    parser.add_argument("-H", "--header", action="append", type=_parse_header, default=[],
+    parser.add_argument("-H", "--header", action="append", type=parse_header, default=[],
                         metavar="NAME:VALUE", help="a handshake header; repeatable")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds allowed for the whole listing (default 30)")

@@ -24,20 +24,22 @@ from perspective_asgi import Settings, close_all_connections
 ServerMain = Callable[[socket.socket, asyncio.Event], Awaitable[None]]
 
 
-def _bound_socket() -> socket.socket:
+def _bound_socket(port: int = 0) -> socket.socket:
     # IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off only on such sockets.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.listen(1024)
     sock.setblocking(False)
     return sock
 
 
 @contextlib.contextmanager
-def serve_in_thread(main: ServerMain, path: str = "/websocket") -> Iterator[str]:
-    """Run ``main(sock, stop)`` on a fresh event loop in a thread; yield the websocket URL."""
-    sock = _bound_socket()
+def serve_in_thread(main: ServerMain, path: str = "/websocket", port: int = 0) -> Iterator[str]:
+    """Run ``main(sock, stop)`` on a fresh event loop in a thread; yield the websocket URL.
+
+    On ``port`` if given (a server restarted where its clients reconnect), else a free one."""
+    sock = _bound_socket(port)
     port = sock.getsockname()[1]
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -80,10 +82,12 @@ def serve_in_thread(main: ServerMain, path: str = "/websocket") -> Iterator[str]
 
 
 @contextlib.asynccontextmanager
-async def serve_in_background(main: ServerMain, path: str = "/websocket") -> AsyncIterator[str]:
+async def serve_in_background(
+    main: ServerMain, path: str = "/websocket", port: int = 0
+) -> AsyncIterator[str]:
     """``serve_in_thread`` for async tests: waiting for the server to listen and to stop
     blocks a worker thread, not the test's event loop."""
-    manager = serve_in_thread(main, path)
+    manager = serve_in_thread(main, path, port)
     url = await anyio.to_thread.run_sync(manager.__enter__)
     try:
         yield url

@@ -19,7 +19,7 @@ import anyio
 import perspective
 import pytest
 
-from perspective_asgi import PerspectiveASGIApp
+from perspective_asgi import HandshakeRequest, PerspectiveASGIApp, Settings
 from perspective_asgi.edge import create_edge_app, edge_options_from_env
 from perspective_asgi.replica import Replica
 
@@ -355,6 +355,67 @@ async def test_removals_replace_and_clear_reach_the_replica() -> None:
     async with serve_in_background(main) as url:
         with anyio.fail_after(SCENARIO_TIMEOUT):
             await scenario(url)
+
+
+async def test_an_edge_writes_through_with_its_own_rotated_credentials(tmp_path: Path) -> None:
+    """``perspective-asgi edge --header ... --header-file F``: the upstream sees both headers;
+    the edge's clients' writes are applied upstream; while the upstream is down they are
+    refused; after it comes back with a new token, which the edge reads again from F, they are
+    applied once each."""
+    valid = {"t1"}
+    seen: list[tuple[str, str]] = []
+
+    async def authenticate(request: HandshakeRequest) -> object:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        seen.append((token, request.headers.get("x-edge", "")))
+        return token if token in valid else None
+
+    server = perspective.Server()
+    source = server.new_local_client().table({"id": "integer", "note": "string"}, name="notes")
+    main = uvicorn_main(PerspectiveASGIApp(server, settings=Settings(authenticate=authenticate)))
+    headers = tmp_path / "upstream.headers"
+    headers.write_text("# the upstream's token, rotated by the test\nAuthorization: Bearer t1\n")
+    port = free_port()
+
+    async def write(edge: ServerProcess, note_id: int) -> None:
+        async with connect(edge.url) as conn:
+            table = await conn.client.open_table("notes")
+            await table.update([{"id": note_id, "note": f"from the edge {note_id}"}])
+
+    def upstream_ids() -> list[int]:
+        view = source.view()
+        try:
+            return sorted(view.to_columns()["id"])
+        finally:
+            view.delete()
+
+    edge: ServerProcess | None = None
+    try:
+        async with serve_in_background(main, port=port) as url:
+            edge = await start(command("edge", url, "--header", "X-Edge: e1",
+                                       "--header-file", str(headers)), tmp_path)
+            await status_of(edge, 200)
+            with anyio.fail_after(SCENARIO_TIMEOUT):
+                await write(edge, 1)
+            assert upstream_ids() == [1]
+            assert seen and set(seen) == {("t1", "e1")}
+        await status_of(edge, 503)
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            with pytest.raises(perspective.PerspectiveError, match="upstream unavailable"):
+                await write(edge, 2)
+        valid.clear()
+        valid.add("t2")
+        headers.write_text("Authorization: Bearer t2\n")
+        async with serve_in_background(main, port=port):
+            await status_of(edge, 200)
+            with anyio.fail_after(SCENARIO_TIMEOUT):
+                await write(edge, 3)
+                await write(edge, 4)
+            assert upstream_ids() == [1, 3, 4]
+            assert seen[-1] == ("t2", "e1")
+    finally:
+        if edge is not None:
+            await in_thread(edge.stop)
 
 
 def test_edge_options_from_the_environment() -> None:

@@ -30,6 +30,7 @@ EXPECTED = {
     "Transport",
     "close_all_connections",
     "origin_allowed",
+    "postgres_server",
 }
 
 FRAMEWORKS = ("starlette", "tornado", "aiohttp", "fastapi", "uvicorn")
