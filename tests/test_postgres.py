@@ -1,6 +1,8 @@
 """PostgreSQL served through Perspective's virtual server: a real server (``_postgres``), the
 stock client over every adapter, ``serve --workers 4`` over one database, 1,000 aborted
-clients, a worker killed in the middle of a query, and the command line's errors.
+clients, a worker killed in the middle of a query, the command line's errors,
+``examples/postgres_app.py`` under two uvicorn workers (and docs/edge.md, which shows it), and
+group-by against the database's own ``GROUP BY``.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +25,11 @@ import anyio
 import perspective
 import pytest
 
-from perspective_asgi import Settings
+from perspective_asgi import Settings, postgres_server
 from perspective_asgi.cli import main
 
 from ._helpers import (
+    ROOT,
     SCENARIO_TIMEOUT,
     START_TIMEOUT,
     WAIT,
@@ -38,6 +43,7 @@ from ._helpers import (
 )
 from ._postgres import (  # noqa: F401
     CLIENT_CHECK,
+    READER,
     ROWS,
     TABLE,
     Backend,
@@ -274,3 +280,166 @@ async def test_a_worker_killed_mid_query_leaves_nothing_behind(
             print(f"the killed worker's backend was gone {dropped:.2f} s after SIGKILL")
             await in_thread(server.stop)
     assert "Traceback" not in server.stderr
+
+
+# examples/postgres_app.py, and the docs that show it ------------------------------------------
+
+EXAMPLE = ROOT / "examples" / "postgres_app.py"
+#: The section of docs/edge.md whose one Python block is ``EXAMPLE``, byte for byte.
+EXAMPLE_SECTION = "## Virtual servers: many stateless workers over one database\n"
+
+
+@needs_virtual_server
+async def test_example_under_two_uvicorn_workers_reads_the_database(
+    postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    port = free_port()
+    args = [sys.executable, "-m", "uvicorn", "examples.postgres_app:app", "--port", str(port),
+            "--workers", "2"]
+    env = environment(DATABASE_URL=postgres.url())
+    async with server_process(args, tmp_path, port=port, env=env) as server:
+        # uvicorn listens before its workers have imported the app, and each worker's import
+        # checks the database on an unnamed connection: wait for both, so that no such check
+        # is taken for a client's backend below.
+        await in_thread(postgres.wait_until, "both workers started",
+                        lambda: server.stderr.count("Application startup complete") == 2,
+                        START_TIMEOUT)
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with contextlib.AsyncExitStack() as stack:
+                clients = await a_client_of_each_worker(stack, server.url, TABLE, postgres,
+                                                        workers=2)
+                for worker, client in clients.items():
+                    assert parent_pid(worker) == server.popen.pid
+                    assert await client.conn.client.get_hosted_table_names() == [TABLE]
+                    assert await read_columns(client.table) == postgres.columns() == ROWS
+                postgres.execute(f"INSERT INTO {TABLE} VALUES (4, 'delta', 4.5)")
+                try:
+                    # No worker keeps rows: each one's next query reads the new row.
+                    for client in clients.values():
+                        columns = await read_columns(client.table)
+                        assert columns == postgres.columns()
+                        assert columns["id"] == [1, 2, 3, 4]
+                finally:
+                    postgres.execute(f"DELETE FROM {TABLE} WHERE id = 4")
+        await in_thread(server.stop_cleanly)
+
+
+def run_example(*code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the example as ``python examples/postgres_app.py`` would, after ``code``."""
+    run = f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", "\n".join(["import runpy, sys", *code, run])],
+                          env=environment(**env), capture_output=True, text=True,
+                          timeout=START_TIMEOUT)
+
+
+def test_example_without_support_or_url_is_one_error_line() -> None:
+    # 3 is uvicorn's status for a failed start: its --workers supervisor stops on it, where
+    # it would restart a worker that exits otherwise, forever.
+    url = f"postgresql://reader:s3cret@127.0.0.1:{free_port()}/plant"
+    block = "sys.modules['perspective.virtual_servers.postgres'] = None"
+    result = run_example(block if HAS_VIRTUAL_SERVER else "", DATABASE_URL=url)
+    assert (result.returncode, result.stdout) == (3, ""), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "ships no PostgreSQL virtual server" in result.stderr
+    assert "s3cret" not in result.stderr
+    result = run_example(DATABASE_URL="")
+    assert (result.returncode, result.stderr) == (3, (
+        "postgres_app: set DATABASE_URL to the database's URL, "
+        "e.g. postgresql://reader@127.0.0.1/plant\n"
+    ))
+
+
+def test_docs_show_the_example_byte_for_byte() -> None:
+    docs = (ROOT / "docs" / "edge.md").read_bytes().decode()
+    assert EXAMPLE_SECTION in docs, f"docs/edge.md lost its section {EXAMPLE_SECTION!r}"
+    section = docs.partition(EXAMPLE_SECTION)[2].partition("\n## ")[0]
+    blocks = re.findall(r"^```python\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    assert len(blocks) == 1, f"{EXAMPLE_SECTION!r} must show one Python block, not {len(blocks)}"
+    assert blocks[0] == EXAMPLE.read_bytes().decode(), "docs/edge.md and the example differ"
+
+
+# Group-by, against the database's own GROUP BY ------------------------------------------------
+
+ORDERS = "public.orders"
+#: (region, units, price): regions of several rows, nulls in a group and a group of nulls.
+ORDER_ROWS = [
+    ("North", 3, 9.5), ("North", 5, 2.25), ("North", None, 0.125),
+    ("South", 2, None), ("South", 7, 1.0),
+    ("East", None, None),
+]
+SUMS = {"units": "sum", "price": "sum"}
+
+
+@contextlib.contextmanager
+def orders_table(postgres: PostgresCluster) -> Iterator[None]:
+    """Create ``ORDERS`` (readable by the reader) from ``ORDER_ROWS``; drop it after."""
+    with postgres.connect() as connection:
+        connection.execute(f"CREATE TABLE {ORDERS} (region text NOT NULL, units integer, "
+                           "price double precision)")
+        with connection.cursor() as cursor:
+            cursor.executemany(f"INSERT INTO {ORDERS} VALUES (%s, %s, %s)", ORDER_ROWS)
+        connection.execute(f"GRANT SELECT ON {ORDERS} TO {READER}")
+    try:
+        yield
+    finally:
+        postgres.execute(f"DROP TABLE {ORDERS}")
+
+
+@needs_virtual_server
+async def test_group_by_sums_equal_sql_group_by(postgres: PostgresCluster) -> None:
+    server_version = int(postgres.query("SHOW server_version_num")[0][0])
+    settings = Settings(read_only=True, virtual_server_threads=8)
+    with orders_table(postgres), serve_in_thread(
+        ADAPTERS["starlette"](postgres_server(postgres.url()), settings)
+    ) as url:
+        groups = postgres.query(f"SELECT region, sum(units), sum(price) FROM {ORDERS} "
+                                "GROUP BY region ORDER BY region")
+        (total,) = postgres.query(f"SELECT sum(units), sum(price) FROM {ORDERS}")
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            async with connect(url) as conn:
+                table = await conn.client.open_table(ORDERS)
+
+                # Rollup, the viewer's default: the total first, then each group by region.
+                view = await table.view(group_by=["region"], columns=list(SUMS),
+                                        aggregates=SUMS)
+                columns = await view.to_columns()
+                assert columns == {
+                    "__ROW_PATH__": [[], *([region] for region, _, _ in groups)],
+                    "units": [total[0], *(units for _, units, _ in groups)],
+                    "price": [total[1], *(price for _, _, price in groups)],
+                }
+                assert columns["units"][1:] == [None, 8, 9]  # East's units are all null
+                await view.delete()
+
+                flat = await table.view(group_by=["region"], columns=list(SUMS),
+                                        aggregates=SUMS, group_rollup_mode="flat")
+                assert await flat.to_columns() == {
+                    "__ROW_PATH__": [[region] for region, _, _ in groups],
+                    "units": [units for _, units, _ in groups],
+                    "price": [price for _, _, price in groups],
+                }
+                await flat.delete()
+
+                # A column without an aggregate gets the SQL builder's fallback, any_value,
+                # which PostgreSQL has only from 16: on 15 (Debian 12) the view is refused,
+                # so a viewer grouping a PostgreSQL 15 table must name each column's aggregate.
+                if server_version < 160000:
+                    with pytest.raises(perspective.PerspectiveError,
+                                       match=r"function any_value\(integer\) does not exist"):
+                        await table.view(group_by=["region"], columns=["units"])
+                else:
+                    fallback = await table.view(group_by=["region"], columns=["units"])
+                    assert (await fallback.to_columns())["__ROW_PATH__"][1:] == [
+                        [region] for region, _, _ in groups
+                    ]
+                    await fallback.delete()
+
+                # "total" (the grand total alone) is refused on every version: the SQL builder
+                # orders by a row path column that its query, grouped by nothing, lacks.
+                with pytest.raises(perspective.PerspectiveError,
+                                   match='column "__ROW_PATH_0__" does not exist'):
+                    await table.view(group_by=["region"], columns=list(SUMS),
+                                     aggregates=SUMS, group_rollup_mode="total")
+
+                # Refusals leave the session serving.
+                assert await table.size() == len(ORDER_ROWS)
