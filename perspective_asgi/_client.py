@@ -33,10 +33,12 @@ import perspective
 
 from ._codes import CloseCode
 from ._core.wire import (
+    TABLE_MAKE_VIEW,
     encode_header,
     encode_server_error,
     read_envelope,
     read_fields,
+    read_make_view,
     split_header,
 )
 from ._exceptions import ConnectionClosed, PerspectiveASGIError, ProtocolError
@@ -135,6 +137,10 @@ class ClientBridge:
         self._awaiting_reply: dict[int, str] = {}
         #: msg_id -> the reply's future, for ``request``.
         self._raw: dict[int, asyncio.Future[bytes]] = {}
+        #: msg_id -> what to call with the reply the moment it is read, for ``request``.
+        self._on_reply: dict[int, Callable[[bytes], None]] = {}
+        #: table name -> the id of the last view the client made on it (see ``view_made_on``).
+        self._made_views: dict[str, str] = {}
         self._next_raw = RAW_MSG_IDS
         self._closed = asyncio.Event()
         self.close_code: int | None = None
@@ -175,6 +181,8 @@ class ClientBridge:
             envelope = read_envelope(data)
             msg_id = envelope.msg_id
             self._awaiting_reply[msg_id] = envelope.entity_id
+            if envelope.kind == TABLE_MAKE_VIEW:
+                self._made_views[envelope.entity_id] = read_make_view(envelope.body)[0]
         try:
             await self._send_frame(data)
         except BaseException:
@@ -199,12 +207,25 @@ class ClientBridge:
             raise self._closed_error()
         asyncio.run_coroutine_threadsafe(self._send(data), loop).result()
 
-    async def request(self, frame: bytes) -> bytes:
+    def view_made_on(self, table: str) -> str | None:
+        """The id of the last view ``client`` asked the server to make on ``table``: the entity
+        a ``request`` of one's own on that view is addressed to."""
+        return self._made_views.get(table)
+
+    async def request(
+        self, frame: bytes, on_reply: Callable[[bytes], None] | None = None
+    ) -> bytes:
         """Send a request frame of one's own and return the server's reply to it.
 
         The frame goes out under a ``msg_id`` of this bridge's; the reply comes back addressed
         as ``frame`` was. Raises ``ConnectionClosed`` if the connection ends first: the server
         may or may not have carried the request out.
+
+        ``on_reply`` is called with the reply as soon as it is read, after every message the
+        server sent before it has been handled (subscription callbacks included) and before any
+        sent after it: the one point where the reply's place in the stream is known. The
+        caller of ``request`` resumes only later, when messages behind it may have been
+        handled too.
         """
         if self.closed:
             raise self._closed_error()
@@ -212,11 +233,14 @@ class ClientBridge:
         msg_id = self._next_raw
         self._next_raw = msg_id + 1 if msg_id + 1 < 1 << 32 else RAW_MSG_IDS
         reply = self._raw[msg_id] = asyncio.get_running_loop().create_future()
+        if on_reply is not None:
+            self._on_reply[msg_id] = on_reply
         try:
             await self._send_frame(readdress(frame, msg_id, envelope.entity_id))
             answer = await reply
         finally:
             self._raw.pop(msg_id, None)
+            self._on_reply.pop(msg_id, None)
         return readdress(answer, envelope.msg_id, envelope.entity_id)
 
     async def deliver(self, frame: bytes) -> None:
@@ -228,6 +252,13 @@ class ClientBridge:
             return
         reply = self._raw.get(msg_id)
         if reply is not None:
+            on_reply = self._on_reply.pop(msg_id, None)
+            if on_reply is not None and not reply.done():
+                try:
+                    on_reply(frame)
+                except Exception as exc:
+                    reply.set_exception(exc)
+                    return
             if not reply.done():
                 reply.set_result(frame)
             return

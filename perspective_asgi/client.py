@@ -135,15 +135,24 @@ class Connection:
         """Return once the connection has ended, whichever side ended it."""
         await self._bridge.wait_closed()
 
-    async def request(self, frame: bytes) -> bytes:
+    async def request(
+        self, frame: bytes, on_reply: Callable[[bytes], None] | None = None
+    ) -> bytes:
         """Send one Perspective request frame of one's own and return the server's reply.
 
         For frames that did not come from ``client``, e.g. a request an edge forwards for one of
         its own clients: the reply is addressed as ``frame`` was (its ``msg_id`` and entity),
         and ``client`` never sees it. Raises ``ConnectionClosed`` if the connection ends
         before the reply arrives, when the server may or may not have carried it out.
+
+        ``on_reply`` sees the reply at its place in the stream of the server's messages (see
+        ``ClientBridge.request``): what a caller needs to order it among subscription callbacks.
         """
-        return await self._bridge.request(frame)
+        return await self._bridge.request(frame, on_reply)
+
+    def view_made_on(self, table: str) -> str | None:
+        """The id of the last view ``client`` made on ``table``, to address ``request``s to."""
+        return self._bridge.view_made_on(table)
 
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close the websocket; calls still waiting for a reply fail."""

@@ -11,10 +11,18 @@ hold views on the old one. On reconnect the replica instead ``replace``s the loc
 rows with a fresh snapshot, and the edge's clients simply see an update.
 
 Ordering makes the copy exact: the view is subscribed before its snapshot is taken, and the
-upstream sends a connection's messages in order, so a delta that arrives before the snapshot
-is already in it (the snapshot replaces it), and every later delta is applied on top. All
-changes to a local table are applied by one task, in arrival order, in a worker thread (the
-engine releases the GIL), so the event loop keeps serving the edge's clients.
+snapshot is queued at the place its reply takes among the deltas (``Connection.request``'s
+``on_reply``), so a delta that arrives before it is already in it (the snapshot replaces it),
+and every later delta is applied on top. All changes to a local table are applied by one task,
+in arrival order, in a worker thread (the engine releases the GIL), so the event loop keeps
+serving the edge's clients.
+
+Deltas alone are not enough for a table with no index: its replace or clear sends only the
+rows left, which appended would join the old ones (and an edge of an edge receives its
+parent's resynchronisation so). Nor, on perspective-python 4, for removals. For those tables
+each burst of deltas is followed by a ``table_size`` request upstream; a copy found holding
+more rows than the upstream takes a fresh snapshot on the same connection. (Fewer rows is
+normal: a cheap request's reply can overtake the deltas of an update still being sent.)
 
 While the upstream is unreachable the local tables keep their last state and keep being
 served; ``ready`` is false until every table is synchronised again.
@@ -22,8 +30,9 @@ served; ``ready`` is false until every table is synchronised again.
 The edge's clients' writes to replicated tables go upstream (``write``, used by
 ``perspective_asgi._forward.WriteThrough``), so the copies change only as the upstream does.
 
-perspective-python 4.x has no ``on_remove``: rows removed upstream stay at the edge until the
-next resynchronisation (a reconnect).
+perspective-python 4.x has no ``on_remove``: a removal reaches the edge as a fresh snapshot
+after the size check above, and a ``clear`` of an indexed table (which sends nothing) only at
+the next resynchronisation (a reconnect).
 """
 
 from __future__ import annotations
@@ -32,14 +41,24 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio.to_thread
 import perspective
 
-from ._core.wire import SERVER_ERROR, TABLE_SIZE, encode_message, read_envelope
+from ._core.wire import (
+    SERVER_ERROR,
+    TABLE_SIZE,
+    VIEW_TO_ARROW,
+    encode_field,
+    encode_message,
+    read_arrow,
+    read_envelope,
+    read_error_message,
+    read_table_size,
+)
 from ._exceptions import ConnectionClosed, UpstreamUnavailable
 from ._forward import WriteThrough
 from .client import Connection, HeadersSource, reconnect
@@ -71,9 +90,11 @@ class TableStatus:
 
 @dataclass
 class _Op:
-    kind: str  # "snapshot", "update" or "remove"
+    kind: str  # "snapshot", "update", "remove" or "check"
     data: bytes
     generation: int
+    #: For "check": the upstream table's size at this point of the stream.
+    size: int = 0
 
 
 @dataclass
@@ -96,9 +117,20 @@ class _Follower:
     applied: int = 0
     #: Set, and replaced, after each batch: what ``wait_applied`` waits on.
     progress: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Whether deltas alone keep the copy exact; if not, each burst of them is followed by a
+    #: size check (see ``Replica._check_size``).
+    exact: bool = True
+    #: A delta arrived that no size check has covered yet; a check is on its way.
+    unchecked: bool = False
+    checking: bool = False
+    #: A check found the copy wrong, and a fresh snapshot has been asked for.
+    stale: bool = False
+    refreshing: bool = False
+    #: Asks the upstream for a fresh snapshot on the current connection.
+    refresh: Callable[[], None] | None = None
 
-    def push(self, kind: str, data: bytes, generation: int) -> None:
-        self.ops.append(_Op(kind, bytes(data), generation))
+    def push(self, kind: str, data: bytes, generation: int, size: int = 0) -> None:
+        self.ops.append(_Op(kind, bytes(data), generation, size))
         self.pushed += 1
         self.wakeup.set()
 
@@ -124,6 +156,11 @@ class _Follower:
                     self.applied += len(batch)
                     self.progress.set()
                     self.progress = asyncio.Event()
+                if self.stale and not self.refreshing and self.refresh is not None:
+                    self.refreshing = True
+                    logger.info("table %r: more rows here than upstream (a replace or clear); "
+                                "taking a fresh snapshot", self.name)
+                    self.refresh()
 
     def _apply(self, batch: list[_Op]) -> None:
         for op in batch:
@@ -141,8 +178,15 @@ class _Follower:
                     self.table.replace(op.data)
                 self.status.snapshots += 1
                 self.status.synced = True
+                self.stale = self.refreshing = False
             elif self.table is None or not self.status.synced:
                 continue  # before the snapshot: already part of it
+            elif op.kind == "check":
+                # More rows here than upstream: a replace or clear (or, without on_remove, a
+                # removal) that deltas cannot carry. Fewer is normal: a cheap request's reply
+                # can overtake the deltas of an update the upstream is still sending.
+                if not self.stale and self.table.size() > op.size:
+                    self.stale = True  # the next snapshot makes it right; until then, no checks
             elif op.kind == "update":
                 self.table.update(op.data)
                 self.status.deltas += 1
@@ -193,6 +237,8 @@ class Replica:
         self._connection: Connection | None = None
         self._closing: asyncio.Future[None] | None = None
         self._follower_tasks: list[asyncio.Task[None]] = []
+        #: Snapshot and size-check requests in flight.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._connected = False
         self._ready = asyncio.Event()
         #: Connections to the upstream made so far.
@@ -267,12 +313,32 @@ class Replica:
         if read_envelope(answer).kind == SERVER_ERROR:
             return answer
         follower = self._followers.get(table)
+        mark = 0
+
+        def barrier(reply: bytes) -> None:
+            # Every delta the write caused was sent before this reply, and is queued by now.
+            nonlocal mark
+            if follower is not None:
+                envelope = read_envelope(reply)
+                if not follower.exact and envelope.kind == TABLE_SIZE:
+                    size = read_table_size(envelope.body)
+                    follower.push("check", b"", follower.generation, size)
+                mark = follower.pushed
+
         try:
-            await connection.request(encode_message(0, table, TABLE_SIZE))
+            await connection.request(encode_message(0, table, TABLE_SIZE), on_reply=barrier)
         except ConnectionClosed:
             return answer  # accepted; the next connection's snapshot holds it
         if follower is not None:
-            await follower.wait_applied(follower.pushed)
+            await follower.wait_applied(mark)
+            # A replace or clear of a table with no index is right here only once the fresh
+            # snapshot it called for has arrived (or the connection, and with it the wait, ends).
+            while follower.stale and not connection.closed:
+                waits = {asyncio.ensure_future(follower.progress.wait()),
+                         asyncio.ensure_future(connection.wait_closed())}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for wait in waits:
+                    wait.cancel()
         return answer
 
     async def run(self) -> None:
@@ -306,9 +372,10 @@ class Replica:
             self.loop = None
             self._lost("stopped")
             await connections.aclose()
-            for task in self._follower_tasks:
+            tasks = [*self._tasks, *self._follower_tasks]
+            for task in tasks:
                 task.cancel()
-            for task in self._follower_tasks:
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
@@ -350,7 +417,7 @@ class Replica:
             ]
             for name in wanted:
                 if name not in started:
-                    await self._follow(client, name)
+                    await self._follow(connection, name)
                     started.add(name)
             missing = [] if self.tables is None else [
                 name for name in self.tables if name not in started
@@ -377,7 +444,8 @@ class Replica:
             self._ready.set()
             logger.info("upstream %s: %d table(s) synchronised", self.upstream, len(followers))
 
-    async def _follow(self, client: Any, name: str) -> None:
+    async def _follow(self, connection: Connection, name: str) -> None:
+        client = connection.client
         follower = self._followers.get(name)
         if follower is None:
             follower = self._followers[name] = _Follower(name, self._local, self._resync)
@@ -392,12 +460,23 @@ class Replica:
         # Every column, named: virtual servers (DuckDB) have no default column list.
         view = await remote.view(columns=list(await remote.schema()))
 
+        view_id = connection.view_made_on(name)
+        if view_id is None:
+            raise RuntimeError(f"no view was made on table {name!r}")
+        # Without on_remove (perspective-python 4) removals send an update with no rows of
+        # theirs; and a replace or clear of a table with no index sends only the new rows, which
+        # appending would add to the old. Deltas alone keep only a 5.x indexed copy exact;
+        # the others are checked against the upstream's size after each burst of changes.
+        follower.exact = bool(follower.index) and hasattr(view, "on_remove")
+
         def pusher(kind: str) -> Callable[..., None]:
             def push(*args: Any) -> None:
                 # (port_id, arrow bytes) from the in-memory engine; virtual servers call with
                 # no rows, which there is nothing to apply from.
                 if len(args) == 2 and isinstance(args[1], bytes):
                     follower.push(kind, args[1], generation)
+                    if not follower.exact:
+                        self._check_size(connection, follower, generation)
 
             return push
 
@@ -408,4 +487,63 @@ class Replica:
         except perspective.PerspectiveError as exc:
             # Virtual servers push no updates: the edge holds a snapshot per connection.
             logger.info("table %r pushes no updates (%s); replicating a snapshot", name, exc)
-        follower.push("snapshot", await view.to_arrow(), generation)
+
+        def refresh() -> None:
+            if generation == follower.generation:
+                self._spawn(self._snapshot(connection, follower, view_id, generation))
+
+        follower.refresh = refresh
+        await self._snapshot(connection, follower, view_id, generation)
+
+    async def _snapshot(
+        self, connection: Connection, follower: _Follower, view_id: str, generation: int
+    ) -> None:
+        """Queue the view's rows as the table's snapshot, at the reply's place among the
+        deltas: those before it are in it, those after go on top. Awaiting the Perspective
+        client's ``to_arrow`` would place it later, after deltas that arrived meanwhile and
+        that the snapshot does not hold."""
+
+        def queue(reply: bytes) -> None:
+            envelope = read_envelope(reply)
+            if envelope.kind != VIEW_TO_ARROW:
+                raise perspective.PerspectiveError(f"no snapshot of {follower.name!r}: "
+                                                   f"{read_error_message(envelope.body)}")
+            follower.push("snapshot", read_arrow(envelope.body), generation)
+
+        # The whole view: an empty viewport (which virtual servers need to be present).
+        request = encode_message(0, view_id, VIEW_TO_ARROW, encode_field(1, b""))
+        # If the connection ends first, the next one takes its own.
+        with contextlib.suppress(ConnectionClosed):
+            await connection.request(request, on_reply=queue)
+
+    def _check_size(self, connection: Connection, follower: _Follower, generation: int) -> None:
+        follower.unchecked = True
+        if not follower.checking:
+            follower.checking = True
+            self._spawn(self._size_checks(connection, follower, generation))
+
+    async def _size_checks(
+        self, connection: Connection, follower: _Follower, generation: int
+    ) -> None:
+        """Ask the upstream for the table's size until a reply follows every delta received;
+        each reply queues a check of the copy's size at its place among them."""
+        request = encode_message(0, follower.name, TABLE_SIZE)
+
+        def queue(reply: bytes) -> None:
+            envelope = read_envelope(reply)
+            if envelope.kind == TABLE_SIZE:
+                follower.push("check", b"", generation, read_table_size(envelope.body))
+
+        try:
+            while follower.unchecked and generation == follower.generation:
+                follower.unchecked = False
+                await connection.request(request, on_reply=queue)
+        except ConnectionClosed:
+            pass
+        finally:
+            follower.checking = False
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -37,8 +37,9 @@ from ._servers import serve_in_background, uvicorn_main
 pytestmark = pytest.mark.anyio
 
 IDS = 2_000
-#: perspective-python 4 has no view.on_remove: removals reach edges only on resynchronisation.
-REMOVES_REPLICATE = not perspective.__version__.startswith("4.")
+#: perspective-python 4 has no view.on_remove: a removal reaches an edge as a fresh snapshot
+#: (the size check), but a clear of an indexed table, which sends nothing, only on reconnect.
+CLEARS_REPLICATE = not perspective.__version__.startswith("4.")
 
 
 def write_ticks(path: Path) -> None:
@@ -165,7 +166,7 @@ async def test_two_edges_follow_recover_and_survive_each_other(tmp_path: Path) -
                         {"id": rng.randrange(IDS + 500), "price": rng.random(), "tag": f"b{batch}"}
                         for _ in range(100)
                     ])
-                    if REMOVES_REPLICATE and batch % 100 == 99:
+                    if batch % 100 == 99:
                         await source.remove([rng.randrange(IDS) for _ in range(20)])
                 expected = await rows(upstream.url)
                 assert len(expected["id"]) > IDS - 200
@@ -177,6 +178,8 @@ async def test_two_edges_follow_recover_and_survive_each_other(tmp_path: Path) -
                     await eventually(same, 60, f"edge {edge.port} has the upstream's rows")
 
         # The upstream goes away: edges keep serving the last state, and are not ready.
+        # (On perspective-python 4 each burst of removals cost a snapshot already.)
+        before = [(await status_of(edge, 200))["tables"]["ticks"]["snapshots"] for edge in edges]
         upstream.kill()
         for edge in edges:
             body = await status_of(edge, 503, timeout=10)
@@ -187,9 +190,9 @@ async def test_two_edges_follow_recover_and_survive_each_other(tmp_path: Path) -
 
         # It comes back (from its file: the burst is gone): the edges resynchronise to it.
         upstream = await start(serve, tmp_path, up_port)
-        for edge in edges:
+        for edge, snapshots in zip(edges, before, strict=True):
             body = await status_of(edge, 200, timeout=30)
-            assert body["tables"]["ticks"]["snapshots"] == 2
+            assert body["tables"]["ticks"]["snapshots"] == snapshots + 1
         with anyio.fail_after(SCENARIO_TIMEOUT):
             fresh = await rows(upstream.url)
         assert len(fresh["id"]) == IDS
@@ -313,7 +316,6 @@ async def test_edge_follows_new_tables_and_named_tables_only(tmp_path: Path) -> 
             await scenario(url)
 
 
-@pytest.mark.skipif(not REMOVES_REPLICATE, reason="perspective-python 4 has no view.on_remove")
 async def test_removals_replace_and_clear_reach_the_replica() -> None:
     upstream_server = perspective.Server()
     source = upstream_server.new_local_client().table(
@@ -338,9 +340,9 @@ async def test_removals_replace_and_clear_reach_the_replica() -> None:
                 lambda: source.update([{"id": 4, "v": 4.0}, {"id": 1, "v": 10.0}]),
                 lambda: source.remove([2]),
                 lambda: source.replace({"id": [7, 8], "v": [7.0, 8.0]}),
-                lambda: source.clear(),
-                lambda: source.update([{"id": 9, "v": 9.0}]),
             ]
+            if CLEARS_REPLICATE:
+                steps += [lambda: source.clear(), lambda: source.update([{"id": 9, "v": 9.0}])]
             for step in steps:
                 step()
                 view = source.view()

@@ -62,6 +62,7 @@ GET_HOSTED_TABLES = 4
 TABLE_MAKE_VIEW = 6
 TABLE_SIZE = 8
 VIEW_COLUMN_PATHS = 10
+VIEW_TO_ARROW = 16
 VIEW_DELETE = 11
 VIEW_ON_UPDATE = 21
 VIEW_REMOVE_ON_UPDATE = 22
@@ -269,6 +270,30 @@ def read_id(body: bytes | memoryview) -> int:
         if number == 1 and isinstance(value, int):
             return value
     return 0
+
+
+def read_error_message(body: bytes | memoryview) -> str:
+    """The ``message`` (field 1) of a ``ServerError``."""
+    for number, value in read_fields(body):
+        if number == 1 and isinstance(value, memoryview):
+            return str(value, "utf-8", "replace")
+    return ""
+
+
+def read_table_size(body: bytes | memoryview) -> int:
+    """The ``size`` (field 2) of a ``TableSizeResp``; protobuf leaves a zero out."""
+    for number, value in read_fields(body):
+        if number == 2 and isinstance(value, int):
+            return value
+    return 0
+
+
+def read_arrow(body: bytes | memoryview) -> bytes:
+    """The Arrow IPC bytes (field 1) of a ``ViewToArrowResp``."""
+    for number, value in read_fields(body):
+        if number == 1 and isinstance(value, memoryview):
+            return bytes(value)
+    return b""
 
 
 def read_make_view(body: bytes | memoryview) -> tuple[str, bytes | None]:
