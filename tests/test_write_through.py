@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from perspective_asgi import HandshakeRequest, PerspectiveASGIApp, Policy, Settings
-from perspective_asgi._core.wire import TABLE_UPDATE
+from perspective_asgi._core.wire import TABLE_UPDATE, read_envelope
 from perspective_asgi.replica import Replica
 
 from ._frames import length_delimited
@@ -284,3 +284,51 @@ async def test_a_table_without_an_index_stays_exact_through_replace_clear_and_re
                     await (await at_leaf.client.open_table("log")).update({"n": [300]})
                     await converged([at_top.client, at_middle.client, at_leaf.client], "log",
                                     {"n": [100, 200, 300]})
+
+
+class _SwallowingSession:
+    """A session that takes ``table_update`` requests and never answers them."""
+
+    def __init__(self, session: Any, swallowed: asyncio.Event) -> None:
+        self._session = session
+        self._swallowed = swallowed
+
+    def handle_request(self, request: bytes) -> Any:
+        if read_envelope(request).kind == TABLE_UPDATE:
+            self._swallowed.set()
+            return None
+        return self._session.handle_request(request)
+
+    def close(self) -> Any:
+        return self._session.close()
+
+
+async def test_a_write_whose_answer_is_lost_with_the_upstream_says_it_may_have_been_applied(
+) -> None:
+    server, _ = upstream_table(id=[1], v=[1.0])
+    swallowed = asyncio.Event()
+
+    class Swallowing:
+        def new_session(self, callback: Any) -> _SwallowingSession:
+            return _SwallowingSession(server.new_session(callback), swallowed)
+
+    async with contextlib.AsyncExitStack() as upstream:
+        top = await upstream.enter_async_context(
+            serve_in_background(uvicorn_main(PerspectiveASGIApp(Swallowing())))
+        )
+        async with edge_of(top) as (edge, _), connect(edge) as at_edge:
+            with anyio.fail_after(SCENARIO_TIMEOUT):
+                table = await at_edge.client.open_table("t")
+                async with anyio.create_task_group() as group:
+                    async def write() -> None:
+                        with pytest.raises(perspective.PerspectiveError,
+                                           match="may or may not have been applied"):
+                            await table.update([{"id": 2, "v": 2.0}])
+
+                    group.start_soon(write)
+                    # The upstream has the write and will never answer; then it goes away.
+                    await swallowed.wait()
+                    await upstream.aclose()
+                # The edge still serves, and refuses the next write as not applied.
+                with pytest.raises(perspective.PerspectiveError, match="was not applied"):
+                    await table.update([{"id": 3, "v": 3.0}])
