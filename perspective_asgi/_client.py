@@ -236,11 +236,22 @@ class ClientBridge:
         if on_reply is not None:
             self._on_reply[msg_id] = on_reply
         try:
-            await self._send_frame(readdress(frame, msg_id, envelope.entity_id))
+            try:
+                await self._send_frame(readdress(frame, msg_id, envelope.entity_id))
+            except Exception as exc:
+                # The channel's own error (websockets' ConnectionClosed, say): one kind for
+                # callers, who cannot know which channel they are on.
+                raise ConnectionClosed(
+                    self.close_code if self.close_code is not None
+                    else CloseCode.ABNORMAL_CLOSURE,
+                    self.close_reason or f"sending failed: {exc}",
+                ) from exc
             answer = await reply
         finally:
             self._raw.pop(msg_id, None)
             self._on_reply.pop(msg_id, None)
+            if reply.done() and not reply.cancelled():
+                reply.exception()  # failed by connection_lost while the send failed: seen
         return readdress(answer, envelope.msg_id, envelope.entity_id)
 
     async def deliver(self, frame: bytes) -> None:

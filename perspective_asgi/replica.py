@@ -74,6 +74,8 @@ MiB = 1024 * 1024
 #: undeliverable rather than left waiting for a link that may not come back.
 PING_INTERVAL = 2.0
 PING_TIMEOUT = 4.0
+#: Seconds before checking again a copy found short of rows: time for deltas on their way.
+RECHECK_DELAY = 0.1
 
 
 @dataclass
@@ -123,11 +125,17 @@ class _Follower:
     #: A delta arrived that no size check has covered yet; a check is on its way.
     unchecked: bool = False
     checking: bool = False
+    #: The last check found fewer rows here, and no delta has been applied since.
+    short: bool = False
+    #: Another check is due (after a snapshot, or a check that found fewer rows).
+    recheck: bool = False
     #: A check found the copy wrong, and a fresh snapshot has been asked for.
     stale: bool = False
     refreshing: bool = False
-    #: Asks the upstream for a fresh snapshot on the current connection.
+    #: Ask the upstream for a fresh snapshot, and for a size check soon, on the current
+    #: connection.
     refresh: Callable[[], None] | None = None
+    check: Callable[[], None] | None = None
 
     def push(self, kind: str, data: bytes, generation: int, size: int = 0) -> None:
         self.ops.append(_Op(kind, bytes(data), generation, size))
@@ -158,9 +166,12 @@ class _Follower:
                     self.progress = asyncio.Event()
                 if self.stale and not self.refreshing and self.refresh is not None:
                     self.refreshing = True
-                    logger.info("table %r: more rows here than upstream (a replace or clear); "
-                                "taking a fresh snapshot", self.name)
+                    logger.info("table %r: the copy's size differs from the upstream's (a "
+                                "replace or clear); taking a fresh snapshot", self.name)
                     self.refresh()
+                elif self.recheck and self.check is not None:
+                    self.recheck = False
+                    self.check()
 
     def _apply(self, batch: list[_Op]) -> None:
         for op in batch:
@@ -178,21 +189,36 @@ class _Follower:
                     self.table.replace(op.data)
                 self.status.snapshots += 1
                 self.status.synced = True
-                self.stale = self.refreshing = False
+                self.stale = self.refreshing = self.short = False
+                # Its reply may have passed deltas it holds, or been passed by some it lacks.
+                self.recheck = not self.exact
             elif self.table is None or not self.status.synced:
                 continue  # before the snapshot: already part of it
             elif op.kind == "check":
-                # More rows here than upstream: a replace or clear (or, without on_remove, a
-                # removal) that deltas cannot carry. Fewer is normal: a cheap request's reply
-                # can overtake the deltas of an update the upstream is still sending.
-                if not self.stale and self.table.size() > op.size:
-                    self.stale = True  # the next snapshot makes it right; until then, no checks
+                if not self.stale:
+                    self._check(op.size)
             elif op.kind == "update":
                 self.table.update(op.data)
                 self.status.deltas += 1
+                self.short = False
             else:
                 self.table.remove(op.data)
                 self.status.deltas += 1
+                self.short = False
+
+    def _check(self, upstream: int) -> None:
+        # The upstream answers on several threads, so a reply and the deltas around it can
+        # arrive a little out of order. More rows here than upstream: a replace or clear (or,
+        # without on_remove, a removal) that deltas cannot carry, or a snapshot that overlapped
+        # deltas. Fewer: deltas still on their way, unless a second check finds the same with
+        # none applied in between (a snapshot that missed some).
+        size = self.table.size()
+        if size > upstream or (size < upstream and self.short):
+            self.stale = True  # the next snapshot makes it right; until then, no checks
+        elif size < upstream:
+            self.short = self.recheck = True
+        else:
+            self.short = False
 
 
 class Replica:
@@ -492,7 +518,13 @@ class Replica:
             if generation == follower.generation:
                 self._spawn(self._snapshot(connection, follower, view_id, generation))
 
+        def check() -> None:
+            asyncio.get_running_loop().call_later(
+                RECHECK_DELAY, self._check_size, connection, follower, generation
+            )
+
         follower.refresh = refresh
+        follower.check = check
         await self._snapshot(connection, follower, view_id, generation)
 
     async def _snapshot(
