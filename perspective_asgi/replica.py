@@ -69,11 +69,14 @@ logger = logging.getLogger("perspective_asgi.replica")
 
 MiB = 1024 * 1024
 
-#: The upstream connection's keepalive: a ping every 2 s, dropped if unanswered in 4 s. A lost
-#: upstream is then noticed within 6 s (websockets' default is 40 s), so writes are refused as
-#: undeliverable rather than left waiting for a link that may not come back.
+#: The upstream connection's keepalive: a ping every 2 s, given up if unanswered in 4 s; then
+#: 1 s for the closing handshake, which over a dead link cannot complete (websockets waits the
+#: close timeout before dropping the connection). A lost upstream is noticed within 7 s
+#: (websockets' defaults take 45 s), so writes are refused as undeliverable rather than left
+#: waiting for a link that may not come back.
 PING_INTERVAL = 2.0
 PING_TIMEOUT = 4.0
+CLOSE_TIMEOUT = 1.0
 #: Seconds before checking again a copy found short of rows: time for deltas on their way.
 RECHECK_DELAY = 0.1
 
@@ -258,6 +261,7 @@ class Replica:
         connect_options.setdefault("max_message_size", 1024 * MiB)
         connect_options.setdefault("ping_interval", PING_INTERVAL)
         connect_options.setdefault("ping_timeout", PING_TIMEOUT)
+        connect_options.setdefault("close_timeout", CLOSE_TIMEOUT)
         self._connect_options = connect_options
         self._followers: dict[str, _Follower] = {}
         self._connection: Connection | None = None

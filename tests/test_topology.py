@@ -46,7 +46,7 @@ import pytest
 import websockets
 
 from perspective_asgi.client import open_connection
-from perspective_asgi.replica import PING_INTERVAL, PING_TIMEOUT, Replica
+from perspective_asgi.replica import CLOSE_TIMEOUT, PING_INTERVAL, PING_TIMEOUT, Replica
 
 from ._helpers import START_TIMEOUT, command, connect, environment, in_thread
 from ._netns import Host, Link, Topology, why_unavailable
@@ -66,9 +66,10 @@ CUT_SECONDS = 10.0
 # machine's two cores shared by seven servers.
 _CONNECTION = inspect.signature(open_connection).parameters
 #: An edge notices an upstream gone silent (a cut link) within a ping interval plus the ping
-#: timeout, and then the close timeout: websockets waits that long for the closing handshake
-#: before it drops the connection. An upstream that dies with its host up is noticed at once.
-NOTICE_LOST = PING_INTERVAL + PING_TIMEOUT + _CONNECTION["close_timeout"].default + 3.0
+#: timeout, and then the replica's close timeout: websockets waits that long for the closing
+#: handshake before it drops the connection. An upstream that dies with its host up is noticed
+#: at once.
+NOTICE_LOST = PING_INTERVAL + PING_TIMEOUT + CLOSE_TIMEOUT + 3.0
 #: An edge reconnects within its longest backoff plus the handshake's open timeout.
 RECONNECT = (inspect.signature(Replica).parameters["max_delay"].default
              + _CONNECTION["open_timeout"].default + 5.0)
