@@ -264,36 +264,39 @@ def split_header(data: bytes) -> tuple[int, int]:
     return msg_id, pos
 
 
-def read_id(body: bytes | memoryview) -> int:
-    """The ``id`` (field 1) of a request that ends a subscription, e.g. ``ViewRemoveDeleteReq``."""
+def _varint_field(body: bytes | memoryview, wanted: int) -> int:
+    # Protobuf leaves a zero out, so an absent field reads as 0.
     for number, value in read_fields(body):
-        if number == 1 and isinstance(value, int):
+        if number == wanted and isinstance(value, int):
             return value
     return 0
+
+
+def _bytes_field(body: bytes | memoryview, wanted: int) -> bytes:
+    for number, value in read_fields(body):
+        if number == wanted and isinstance(value, memoryview):
+            return bytes(value)
+    return b""
+
+
+def read_id(body: bytes | memoryview) -> int:
+    """The ``id`` (field 1) of a request that ends a subscription, e.g. ``ViewRemoveDeleteReq``."""
+    return _varint_field(body, 1)
 
 
 def read_error_message(body: bytes | memoryview) -> str:
     """The ``message`` (field 1) of a ``ServerError``."""
-    for number, value in read_fields(body):
-        if number == 1 and isinstance(value, memoryview):
-            return str(value, "utf-8", "replace")
-    return ""
+    return _bytes_field(body, 1).decode("utf-8", "replace")
 
 
 def read_table_size(body: bytes | memoryview) -> int:
-    """The ``size`` (field 2) of a ``TableSizeResp``; protobuf leaves a zero out."""
-    for number, value in read_fields(body):
-        if number == 2 and isinstance(value, int):
-            return value
-    return 0
+    """The ``size`` (field 2) of a ``TableSizeResp``."""
+    return _varint_field(body, 2)
 
 
 def read_arrow(body: bytes | memoryview) -> bytes:
     """The Arrow IPC bytes (field 1) of a ``ViewToArrowResp``."""
-    for number, value in read_fields(body):
-        if number == 1 and isinstance(value, memoryview):
-            return bytes(value)
-    return b""
+    return _bytes_field(body, 1)
 
 
 def read_make_view(body: bytes | memoryview) -> tuple[str, bytes | None]:
