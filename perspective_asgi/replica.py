@@ -20,9 +20,11 @@ serving the edge's clients.
 Deltas alone are not enough for a table with no index: its replace or clear sends only the
 rows left, which appended would join the old ones (and an edge of an edge receives its
 parent's resynchronisation so). Nor, on perspective-python 4, for removals. For those tables
-each burst of deltas is followed by a ``table_size`` request upstream; a copy found holding
-more rows than the upstream takes a fresh snapshot on the same connection. (Fewer rows is
-normal: a cheap request's reply can overtake the deltas of an update still being sent.)
+each burst of deltas, and each snapshot, is followed by a ``table_size`` request upstream; a
+copy found holding more rows than the upstream takes a fresh snapshot on the same connection.
+Fewer rows is normal at first (the upstream answers on several threads, so a cheap request's
+reply can overtake the deltas of an update still being sent); a copy found short twice,
+``RECHECK_DELAY`` apart with no delta applied between, takes a fresh snapshot too.
 
 While the upstream is unreachable the local tables keep their last state and keep being
 served; ``ready`` is false until every table is synchronised again.
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections import deque
 from collections.abc import Callable, Collection, Coroutine
@@ -93,6 +96,18 @@ class TableStatus:
     deltas: int = 0
 
 
+class _Copy(enum.Enum):
+    """How a copy's size compared with the upstream's at the last check."""
+
+    MATCHES = "matches"
+    #: Fewer rows here, and no delta applied since: deltas may still be on their way.
+    SHORT = "short"
+    #: Wrong: a fresh snapshot is due; until it is applied, checks are skipped.
+    STALE = "stale"
+    #: Wrong, and the fresh snapshot has been asked for.
+    REFRESHING = "refreshing"
+
+
 @dataclass
 class _Op:
     kind: str  # "snapshot", "update", "remove" or "check"
@@ -128,22 +143,30 @@ class _Follower:
     #: A delta arrived that no size check has covered yet; a check is on its way.
     unchecked: bool = False
     checking: bool = False
-    #: The last check found fewer rows here, and no delta has been applied since.
-    short: bool = False
+    copy: _Copy = _Copy.MATCHES
     #: Another check is due (after a snapshot, or a check that found fewer rows).
     recheck: bool = False
-    #: A check found the copy wrong, and a fresh snapshot has been asked for.
-    stale: bool = False
-    refreshing: bool = False
     #: Ask the upstream for a fresh snapshot, and for a size check soon, on the current
     #: connection.
     refresh: Callable[[], None] | None = None
     check: Callable[[], None] | None = None
 
+    @property
+    def stale(self) -> bool:
+        """A check found the copy wrong, and its fresh snapshot has not been applied yet."""
+        return self.copy in (_Copy.STALE, _Copy.REFRESHING)
+
     def push(self, kind: str, data: bytes, generation: int, size: int = 0) -> None:
         self.ops.append(_Op(kind, bytes(data), generation, size))
         self.pushed += 1
         self.wakeup.set()
+
+    def push_check(self, reply: bytes, generation: int) -> None:
+        """Queue a check against the upstream's size in ``reply`` (a ``table_size`` answer),
+        where the reply falls among the deltas."""
+        envelope = read_envelope(reply)
+        if envelope.kind == TABLE_SIZE:
+            self.push("check", b"", generation, read_table_size(envelope.body))
 
     async def wait_applied(self, mark: int) -> None:
         """Return once the first ``mark`` changes received have been applied."""
@@ -167,8 +190,8 @@ class _Follower:
                     self.applied += len(batch)
                     self.progress.set()
                     self.progress = asyncio.Event()
-                if self.stale and not self.refreshing and self.refresh is not None:
-                    self.refreshing = True
+                if self.copy is _Copy.STALE and self.refresh is not None:
+                    self.copy = _Copy.REFRESHING
                     logger.info("table %r: the copy's size differs from the upstream's (a "
                                 "replace or clear); taking a fresh snapshot", self.name)
                     self.refresh()
@@ -192,7 +215,7 @@ class _Follower:
                     self.table.replace(op.data)
                 self.status.snapshots += 1
                 self.status.synced = True
-                self.stale = self.refreshing = self.short = False
+                self.copy = _Copy.MATCHES
                 # Its reply may have passed deltas it holds, or been passed by some it lacks.
                 self.recheck = not self.exact
             elif self.table is None or not self.status.synced:
@@ -200,14 +223,14 @@ class _Follower:
             elif op.kind == "check":
                 if not self.stale:
                     self._check(op.size)
-            elif op.kind == "update":
-                self.table.update(op.data)
-                self.status.deltas += 1
-                self.short = False
             else:
-                self.table.remove(op.data)
+                if op.kind == "update":
+                    self.table.update(op.data)
+                else:
+                    self.table.remove(op.data)
                 self.status.deltas += 1
-                self.short = False
+                if self.copy is _Copy.SHORT:
+                    self.copy = _Copy.MATCHES  # as far as is known, until the next check
 
     def _check(self, upstream: int) -> None:
         # The upstream answers on several threads, so a reply and the deltas around it can
@@ -216,12 +239,13 @@ class _Follower:
         # deltas. Fewer: deltas still on their way, unless a second check finds the same with
         # none applied in between (a snapshot that missed some).
         size = self.table.size()
-        if size > upstream or (size < upstream and self.short):
-            self.stale = True  # the next snapshot makes it right; until then, no checks
+        if size > upstream or (size < upstream and self.copy is _Copy.SHORT):
+            self.copy = _Copy.STALE
         elif size < upstream:
-            self.short = self.recheck = True
+            self.copy = _Copy.SHORT
+            self.recheck = True
         else:
-            self.short = False
+            self.copy = _Copy.MATCHES
 
 
 class Replica:
@@ -349,10 +373,8 @@ class Replica:
             # Every delta the write caused was sent before this reply, and is queued by now.
             nonlocal mark
             if follower is not None:
-                envelope = read_envelope(reply)
-                if not follower.exact and envelope.kind == TABLE_SIZE:
-                    size = read_table_size(envelope.body)
-                    follower.push("check", b"", follower.generation, size)
+                if not follower.exact:
+                    follower.push_check(reply, follower.generation)
                 mark = follower.pushed
 
         try:
@@ -564,16 +586,12 @@ class Replica:
         """Ask the upstream for the table's size until a reply follows every delta received;
         each reply queues a check of the copy's size at its place among them."""
         request = encode_message(0, follower.name, TABLE_SIZE)
-
-        def queue(reply: bytes) -> None:
-            envelope = read_envelope(reply)
-            if envelope.kind == TABLE_SIZE:
-                follower.push("check", b"", generation, read_table_size(envelope.body))
-
         try:
             while follower.unchecked and generation == follower.generation:
                 follower.unchecked = False
-                await connection.request(request, on_reply=queue)
+                await connection.request(
+                    request, on_reply=lambda reply: follower.push_check(reply, generation)
+                )
         except ConnectionClosed:
             pass
         finally:
