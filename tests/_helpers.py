@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib.resources
 import inspect
+import json
 import os
 import queue
 import signal
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,6 +397,17 @@ def environment(**extra: str) -> dict[str, str]:
         if name not in extra:
             env.pop(name, None)
     return env
+
+
+def readiness(port: int, host: str = "127.0.0.1") -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of a server's ``/readyz`` (an edge's replica status), asked
+    directly: test hosts are never reached through a proxy."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{host}:{port}/readyz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def command(*args: str) -> list[str]:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import subprocess
 import time
@@ -31,6 +30,7 @@ from ._helpers import (
     environment,
     free_port,
     in_thread,
+    readiness,
 )
 from ._servers import serve_in_background, uvicorn_main
 
@@ -60,15 +60,6 @@ async def start(args: list[str], tmp_path: Path, port: int | None = None) -> Ser
         server.kill()
         raise
     return server
-
-
-def readiness(port: int) -> tuple[int, dict[str, Any]]:
-    url = f"http://127.0.0.1:{port}/readyz"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def wait_for_status(server: ServerProcess, status: int, timeout: float = 30.0) -> dict[str, Any]:

@@ -25,15 +25,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,7 +45,7 @@ import websockets
 from perspective_asgi.client import open_connection
 from perspective_asgi.replica import CLOSE_TIMEOUT, PING_INTERVAL, PING_TIMEOUT, Replica
 
-from ._helpers import START_TIMEOUT, command, connect, environment, in_thread
+from ._helpers import START_TIMEOUT, command, connect, environment, in_thread, readiness
 from ._netns import Host, Link, Topology, why_unavailable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
@@ -151,22 +148,13 @@ class HostServer:
                 pytest.fail(f"{self.host.name}: nothing listens after {timeout} s:\n{self.stderr}")
             time.sleep(0.05)
 
-    def readiness(self) -> tuple[int, dict[str, Any]]:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        url = f"http://{self.host.address}:{PORT}/readyz"
-        try:
-            with opener.open(url, timeout=5) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
     def wait_status(self, status: int, timeout: float, synced: Sequence[str] = ()) -> float:
         """Poll ``/readyz`` until it answers ``status`` and lists each table of ``synced`` as
         synchronised; return the seconds it took."""
         started = time.monotonic()
         while True:
             try:
-                code, body = self.readiness()
+                code, body = readiness(PORT, self.host.address)
             except OSError as exc:
                 code, body = 0, {"error": str(exc)}
             tables = body.get("tables", {})
