@@ -41,10 +41,15 @@ PACKAGE_DATA = [
 ]
 
 
+def outside_checkout() -> dict[str, str]:
+    """This environment with none of this checkout importable."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
 def run(*args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run a command with none of this checkout importable; fail with its output if it fails."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run([str(arg) for arg in args], cwd=cwd, env=env, capture_output=True,
+    """Run a command outside this checkout; fail with its output if it fails."""
+    result = subprocess.run([str(arg) for arg in args], cwd=cwd, env=outside_checkout(),
+                            capture_output=True,
                             text=True, timeout=timeout, check=False)
     if result.returncode:
         pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}:\n"
@@ -106,11 +111,10 @@ def installed_server(dist: Path, tmp_path: Path) -> Iterator[str]:
     python = venv(tmp_path / "all")
     pip_install(python, f"{wheel_of(dist)}[all]")
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     # From an empty directory, so only the installed copy can be imported.
     process = subprocess.Popen(
         [str(python), "-m", "uvicorn", "perspective_asgi.app:app", "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp_path, env=outside_checkout(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -153,10 +157,9 @@ def test_the_bare_wheel_imports_and_names_the_missing_extra(dist: Path, tmp_path
     python = venv(tmp_path / "bare")
     pip_install(python, str(wheel_of(dist)))
     run(python, "-c", "import perspective_asgi, perspective_asgi.adapters.asgi", cwd=tmp_path)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     cli = tmp_path / "bare" / "bin" / "perspective-asgi"
     for command in (["serve"], ["edge", "ws://127.0.0.1:1/websocket"]):
-        result = subprocess.run([str(cli), *command], cwd=tmp_path, env=env,
+        result = subprocess.run([str(cli), *command], cwd=tmp_path, env=outside_checkout(),
                                 capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 2, result
         lines = result.stderr.strip().splitlines()
