@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -247,7 +248,7 @@ async def test_a_table_without_an_index_stays_exact_through_replace_clear_and_re
         top = await first.enter_async_context(
             serve_in_background(uvicorn_main(PerspectiveASGIApp(upstream([1, 2, 3]))))
         )
-        port = int(top.rsplit(":", 1)[1].split("/")[0])
+        port = urllib.parse.urlsplit(top).port
         async with (
             edge_of(top) as (middle, mid_replica),
             edge_of(middle) as (leaf, leaf_replica),
