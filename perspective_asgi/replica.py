@@ -258,7 +258,9 @@ class Replica:
         server: the local server to host the replicas in; a new ``perspective.Server`` by
             default. Serve it with any adapter.
         headers: handshake headers for the upstream, or a function returning fresh ones.
-        initial_delay, max_delay: the reconnect backoff, in seconds.
+        initial_delay: the first wait before reconnecting, in seconds; the wait grows with
+            each failure (exponential backoff with jitter).
+        max_delay: the longest wait between reconnection attempts, in seconds.
         connect_options: passed on to ``perspective_asgi.client.open_connection``.
     """
 

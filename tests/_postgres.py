@@ -51,7 +51,8 @@ SUPERUSER = "postgres"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 #: How often a backend whose client has gone checks for it while it runs a query (the server's
-#: default is never: the query runs to its end). Set on the role, as docs/edge.md recommends.
+#: default is never: the query runs to its end). Set on the role, as
+#: docs/how-to/virtual-servers.md recommends.
 CLIENT_CHECK = "250ms"
 
 

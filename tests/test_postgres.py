@@ -1,7 +1,7 @@
 """PostgreSQL served through Perspective's virtual server: a real server (``_postgres``), the
 stock client over every adapter, ``serve --workers 4`` over one database, 1,000 aborted
 clients, a worker killed in the middle of a query, the command line's errors,
-``examples/postgres_app.py`` under two uvicorn workers (and docs/edge.md, which shows it), and
+``examples/postgres_app.py`` under two uvicorn workers, and
 group-by against the database's own ``GROUP BY``.
 """
 
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import importlib.util
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -282,11 +281,9 @@ async def test_a_worker_killed_mid_query_leaves_nothing_behind(
     assert "Traceback" not in server.stderr
 
 
-# examples/postgres_app.py, and the docs that show it ------------------------------------------
+# examples/postgres_app.py (docs/how-to/virtual-servers.md includes it; tests/test_docs.py) -------
 
 EXAMPLE = ROOT / "examples" / "postgres_app.py"
-#: The section of docs/edge.md whose one Python block is ``EXAMPLE``, byte for byte.
-EXAMPLE_SECTION = "## Virtual servers: many stateless workers over one database\n"
 
 
 @needs_virtual_server
@@ -347,15 +344,6 @@ def test_example_without_support_or_url_is_one_error_line() -> None:
         "postgres_app: set DATABASE_URL to the database's URL, "
         "e.g. postgresql://reader@127.0.0.1/plant\n"
     ))
-
-
-def test_docs_show_the_example_byte_for_byte() -> None:
-    docs = (ROOT / "docs" / "edge.md").read_bytes().decode()
-    assert EXAMPLE_SECTION in docs, f"docs/edge.md lost its section {EXAMPLE_SECTION!r}"
-    section = docs.partition(EXAMPLE_SECTION)[2].partition("\n## ")[0]
-    blocks = re.findall(r"^```python\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
-    assert len(blocks) == 1, f"{EXAMPLE_SECTION!r} must show one Python block, not {len(blocks)}"
-    assert blocks[0] == EXAMPLE.read_bytes().decode(), "docs/edge.md and the example differ"
 
 
 # Group-by, against the database's own GROUP BY ------------------------------------------------
