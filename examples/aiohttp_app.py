@@ -1,7 +1,7 @@
 """Perspective on an aiohttp route.
 
 Run it, then connect any Perspective client to ws://127.0.0.1:8080/websocket (``$PORT`` changes
-the port)::
+the port); Ctrl-C or SIGTERM stops it after closing open connections::
 
     python examples/aiohttp_app.py
 """
@@ -13,9 +13,9 @@ import os
 import perspective
 from aiohttp import web
 
+from perspective_asgi import close_all_connections
 from perspective_asgi.adapters.aiohttp import PerspectiveAIOHTTPHandler
 
-HOST = "127.0.0.1"
 PORT = int(os.environ.get("PORT", "8080"))
 
 
@@ -41,10 +41,15 @@ def make_app() -> web.Application:
     async def websocket(request: web.Request) -> web.StreamResponse:
         return await PerspectiveAIOHTTPHandler(perspective_server=server, request=request).run()
 
+    async def close_websockets(app: web.Application) -> None:
+        # aiohttp would cancel the handlers, which clients see as 1006: close them with 1001.
+        await close_all_connections()
+
     app = web.Application()
     app.router.add_get("/websocket", websocket)
+    app.on_shutdown.append(close_websockets)
     return app
 
 
 if __name__ == "__main__":
-    web.run_app(make_app(), host=HOST, port=PORT)
+    web.run_app(make_app(), host="127.0.0.1", port=PORT)

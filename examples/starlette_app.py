@@ -19,9 +19,6 @@ from starlette.routing import Route
 
 from perspective_asgi.adapters.starlette import PerspectiveWebSocketRoute
 
-HOST = "127.0.0.1"
-PORT = int(os.environ.get("PORT", "8080"))
-
 
 def perspective_server() -> perspective.Server:
     """Return a Perspective server hosting one small table, "sales"."""
@@ -45,9 +42,9 @@ async def index(request: Request) -> PlainTextResponse:
 app = Starlette(
     routes=[
         Route("/", index),
-        PerspectiveWebSocketRoute("/websocket", perspective_server()),
+        PerspectiveWebSocketRoute("/websocket", perspective_server()),  # named "perspective"
     ]
 )
 
 if __name__ == "__main__":
-    uvicorn.run(app, host=HOST, port=PORT)
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8080")))

@@ -4,6 +4,9 @@ Run it, then connect any Perspective client to ws://127.0.0.1:8080/websocket (``
 the port); Ctrl-C or SIGTERM stops it after closing open connections::
 
     python examples/tornado_app.py
+
+An app written for Perspective's own handler switches by its import line alone: replace
+``from perspective.handlers.tornado import PerspectiveTornadoHandler`` with the one below.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import signal
 import perspective
 import tornado.web
 
+from perspective_asgi import close_all_connections
 from perspective_asgi.adapters.tornado import PerspectiveTornadoHandler
 
-HOST = "127.0.0.1"
 PORT = int(os.environ.get("PORT", "8080"))
 
 
@@ -40,13 +43,15 @@ async def main() -> None:
     app = tornado.web.Application(
         [(r"/websocket", PerspectiveTornadoHandler, {"perspective_server": perspective_server()})]
     )
-    http = app.listen(PORT, address=HOST)
+    http = app.listen(PORT, address="127.0.0.1")
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # POSIX only
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    print(f"Serving Perspective on ws://{HOST}:{PORT}/websocket", flush=True)
+    print(f"Serving Perspective on ws://127.0.0.1:{PORT}/websocket", flush=True)
     await stop.wait()
     http.stop()
+    # Tornado leaves websockets open when its server stops: close them with 1001 (going away).
+    await close_all_connections()
     await http.close_all_connections()
 
 

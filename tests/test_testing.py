@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import sys
 from collections.abc import AsyncIterator, MutableMapping
 from types import ModuleType
 from typing import Annotated, Any
@@ -32,6 +33,7 @@ def load_example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"example_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look up the module's annotations
     spec.loader.exec_module(module)
     return module
 
@@ -47,7 +49,7 @@ fastapi_example = load_example("fastapi_app")
 
 
 async def test_sales_table() -> None:
-    async with connect_asgi(fastapi_example.app, "/websocket") as client:
+    async with connect_asgi(fastapi_example.app, "/websocket?token=alice-token") as client:
         table = await client.open_table("sales")
         assert await table.size() == 4
         view = await table.view(columns=["region"], sort=[["units", "desc"]])
@@ -64,13 +66,13 @@ def demo_server() -> perspective.Server:
     return server
 
 
-async def test_fastapi_dependency_override_swaps_the_server() -> None:
+async def test_fastapi_dependency_override_replaces_authentication() -> None:
     app = fastapi_example.app
-    app.dependency_overrides[fastapi_example.perspective_server] = demo_server
+    app.dependency_overrides[fastapi_example.current_user] = lambda: fastapi_example.User("carol")
     try:
         with anyio.fail_after(SCENARIO_TIMEOUT):
-            async with connect_asgi(app) as client:
-                assert list(await client.get_hosted_table_names()) == ["demo"]
+            async with connect_asgi(app) as client:  # no token
+                assert list(await client.get_hosted_table_names()) == ["sales"]
     finally:
         app.dependency_overrides.clear()
 
