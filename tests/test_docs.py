@@ -8,6 +8,10 @@ A block's kind is an HTML comment on the line before its fence (invisible on the
 - ``<!-- same-as: PATH -->``: its lines appear, in order and together, in the file at PATH,
   which another test runs (the README shows short parts of the examples this way, since
   GitHub cannot include files);
+- ``<!-- client: demo -->`` or ``<!-- client: examples/PROGRAM.py -->``: a client, run here
+  against that server (the demo app, or the example) started on a free port, which replaces
+  the port the block names (8000 for the demo, 8080 for an example); top-level ``await`` is
+  allowed, as in ``python -m asyncio``;
 - ``<!-- fragment: REASON -->``: part of a program (needs a server, a user's module, ...);
   only ruff checks it, with undefined names allowed;
 - a block whose only line is ``--8<-- "examples/..."`` includes that file on the site:
@@ -17,7 +21,9 @@ A block's kind is an HTML comment on the line before its fence (invisible on the
 from __future__ import annotations
 
 import argparse
+import ast
 import html
+import inspect
 import os
 import re
 import subprocess
@@ -100,7 +106,7 @@ def test_the_pages_have_python_blocks() -> None:
 def test_every_python_block_is_run_included_or_a_fragment() -> None:
     unaccounted = [
         block.where for block in PYTHON
-        if not block.included and block.marker not in ("run", "same-as", "fragment")
+        if not block.included and block.marker not in ("run", "client", "same-as", "fragment")
     ]
     assert not unaccounted, f"mark these blocks (see {__name__}'s docstring): {unaccounted}"
     unexplained = [block.where for block in PYTHON
@@ -153,13 +159,40 @@ def test_run_blocks_run(block: Block, tmp_path: Path) -> None:
     assert result.returncode == 0, f"{block.where} failed:\n{result.stderr}"
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    "block", [block for block in PYTHON if block.marker == "client"],
+    ids=lambda block: block.where,
+)
+async def test_client_blocks_run_against_their_server(block: Block, tmp_path: Path) -> None:
+    port = free_port()
+    if block.argument == "demo":
+        args = [sys.executable, "-m", "uvicorn", "perspective_asgi.app:app", "--port", str(port)]
+        shown = "127.0.0.1:8000"
+    else:
+        assert block.argument and (ROOT / block.argument).is_file(), block.where
+        args, shown = [sys.executable, block.argument], "127.0.0.1:8080"
+    assert shown in block.body, f"{block.where} does not connect to {shown}"
+    body = block.body.replace(shown, f"127.0.0.1:{port}")
+    code = compile(body, block.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    namespace: dict[str, object] = {"__name__": "__main__"}
+    async with server_process(args, tmp_path, port=port):
+        with anyio.fail_after(SCENARIO_TIMEOUT):
+            if code.co_flags & inspect.CO_COROUTINE:
+                await eval(code, namespace)
+            else:
+                # A program that runs its own loop (asyncio.run), or a synchronous client.
+                await in_thread(exec, code, namespace)
+
+
 def test_python_blocks_pass_ruff(tmp_path: Path) -> None:
     programs, fragments = tmp_path / "programs", tmp_path / "fragments"
-    for folder, kinds in ((programs, ("run",)), (fragments, ("same-as", "fragment"))):
+    for folder, kinds in ((programs, ("run",)), (fragments, ("client", "same-as", "fragment"))):
         folder.mkdir()
         for number, block in enumerate(b for b in PYTHON if b.marker in kinds):
             body = block.body
-            if block.marker == "fragment" and re.search(r"^(await|async) ", body, re.MULTILINE):
+            if re.search(r"^(await|async) ", body, re.MULTILINE):
                 # A fragment written as the body of a coroutine: check it as one.
                 body = "async def fragment():\n" + "".join(
                     f"    {line}" if line.strip() else line for line in body.splitlines(True)
