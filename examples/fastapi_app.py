@@ -63,7 +63,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, perspective.Server]]
     )
     # Each websocket finds the server in its state: websocket.state.perspective_server.
     yield {"perspective_server": server}
-    # Close with 1001 (going away) any websocket the web server left open.
+    # Close with 1001 (going away) any websocket the web server left open; uvicorn closes
+    # its own before this runs, with 1012 (service restart).
     await close_all_connections()
 
 

@@ -65,8 +65,8 @@ class Command(NamedTuple):
 UVICORN_CLOSE = 1012
 
 #: Every file in ``examples/`` but its README, with the commands that run it as its docs page
-#: shows them; the tests below run each one (8080 replaced by a free port, ``$PORT`` set to
-#: it). ``tests/test_docs.py`` checks every file is shown in a page.
+#: shows them, each run by a test here (8080 replaced by a free port, ``$PORT`` set to it).
+#: ``tests/test_docs.py`` checks every file is shown in a page.
 PROGRAMS: dict[str, tuple[Command, ...]] = {
     "asgi_app.py": (
         Command("uvicorn asgi_app:app --port 8080", cwd="examples", close_code=UVICORN_CLOSE),
@@ -85,11 +85,8 @@ PROGRAMS: dict[str, tuple[Command, ...]] = {
     # Read by Prometheus and Grafana; checked against metrics_app.py below.
     "prometheus.yml": (),
     "grafana-dashboard.json": (),
-    # Needs a PostgreSQL database: tests/test_postgres.py runs it.
-    "postgres_app.py": (
-        Command("uvicorn examples.postgres_app:app --port 8080 --workers 4"),
-        Command("python examples/postgres_app.py"),
-    ),
+    # Needs a PostgreSQL database: tests/test_postgres.py runs it, against a real one.
+    "postgres_app.py": (),
 }
 
 #: The examples that serve only the four-row ``sales`` table, to anyone.
@@ -107,12 +104,14 @@ TEST_FILE_TIMEOUT = 30.0
 
 
 def argv(command: Command, port: int | None = None) -> list[str]:
-    """The command's arguments, with ``port`` for 8080, run by this interpreter."""
+    """The command's arguments, with ``port`` for 8080: ``python`` is this interpreter, and
+    other programs (uvicorn, hypercorn) the scripts installed beside it, else its ``-m``."""
     line = command.line if port is None else command.line.replace("8080", str(port))
     program, *args = shlex.split(line)
     if program == "python":
         return [sys.executable, *args]
-    return [sys.executable, "-m", program, *args]  # uvicorn, hypercorn
+    script = Path(sys.executable).with_name(program)
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", program, *args]
 
 
 @contextlib.asynccontextmanager
