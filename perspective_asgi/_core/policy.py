@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 from .._codes import CloseCode
 from .._exceptions import ProtocolError
@@ -77,7 +77,9 @@ class Policy:
 
 
 #: ``Settings.policy``: one ``Policy`` for every connection, or a function of the principal.
-PolicySource = Union[Policy, Callable[[object], Policy]]  # noqa: UP007 - a runtime alias
+#: The principal is whatever the ``authenticate`` hook returned, so the function may name its
+#: own type for it (``def policy(user: User) -> Policy``).
+PolicySource = Union[Policy, Callable[[Any], Policy]]  # noqa: UP007 - a runtime alias
 
 #: The policy of a connection when ``Settings.policy`` is ``None``.
 ALLOW_ALL = Policy()
