@@ -45,7 +45,7 @@ def documented_names(cls: type) -> dict[str, tuple[ast.stmt, str]]:
     lines = source.splitlines()
     body = ast.parse(source).body[0]
     assert isinstance(body, ast.ClassDef)
-    found = {}
+    found: dict[str, tuple[ast.stmt, str]] = {}
     for statement in body.body:
         if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
             name = statement.target.id
@@ -89,7 +89,7 @@ def settings() -> str:
         assert isinstance(statement, ast.AnnAssign) and statement.value is not None
         annotation = ast.get_source_segment(source, statement.annotation)
         written = ast.get_source_segment(source, statement.value) or ""
-        value = (
+        value: Any = (
             field.default_factory()
             if field.default_factory is not dataclasses.MISSING
             else field.default
