@@ -1,7 +1,9 @@
 """The demo dashboard in a real browser: Debian's chromium, driven by tests/browser/dashboard.mjs.
 
 The app runs under uvicorn in its own process, as a user starts it; what the grid shows is
-compared with what the server holds, read with the stock Python client.
+compared with what the server holds, read with the stock Python client, and the chart panel
+is read from a screenshot of it (the chart plugin draws with WebGL, which headless chromium
+runs in software).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ._helpers import (
     SCENARIO_TIMEOUT,
     ServerProcess,
     StdoutLines,
+    command,
     connect,
     free_port,
     in_thread,
@@ -65,6 +68,33 @@ ORDERS_SORTED = {
         ["quantity", "asc"], ["unit_price", "asc"],
     ],
 }
+#: The chart panel as the page opens: the orders' total by region, a bar per category.
+ORDERS_CHART = {
+    "table": "orders",
+    "title": "orders: total by region and category",
+    "plugin": "Y Bar",
+    "columns": ["total"],
+    "group_by": ["region"],
+    "split_by": ["category"],
+    "aggregates": {"total": "sum"},
+}
+#: Another chart of "orders", to restore into the chart panel: a bar per category, a colour
+#: per region.
+ORDERS_BY_CATEGORY_CHART = {
+    **ORDERS_CHART,
+    "title": "orders by category",
+    "group_by": ["category"],
+    "split_by": ["region"],
+}
+CATEGORIES = 3
+REGIONS = 5
+#: The chart plugin the page uses for "Y Bar", from perspective-python 5.x's bundle.
+BAR_CHART = "perspective-viewer-charts-y-bar"
+#: A hue covering this share of the chart panel's pixels is a series drawn. "Office Supplies"
+#: is a sliver on each bar (about 0.25%); antialiased edges leave at most 0.03% in a hue.
+SERIES_SHARE = 0.001
+#: Bars cover at least this share of the chart panel (about 10% with 15 bars, 20% with 5).
+BARS_SHARE = 0.05
 ORDERS_BY_REGION = {
     "table": "orders",
     "title": "orders by region",
@@ -215,6 +245,19 @@ def row_cells(grid: dict[str, Any], width: int) -> list[list[str]]:
     return [row[-width:] for row in grid["rows"]]
 
 
+def assert_chart(chart: dict[str, Any], config: dict[str, Any], series: int) -> None:
+    """Assert the chart panel shows ``config`` (part of its configuration), drawn by the bar
+    chart with ``series`` colours."""
+    assert {key: chart["config"][key] for key in config} == config
+    assert chart["plugin"] == BAR_CHART
+    assert any(node["tag"] == "canvas" and node["width"] > 0 and node["height"] > 0
+               for node in chart["canvases"]), chart["canvases"]
+    drawn = chart["drawn"]
+    assert drawn["colored"] >= BARS_SHARE, drawn
+    hues = [hue for hue, share in drawn["hues"].items() if share >= SERIES_SHARE]
+    assert len(hues) == series, drawn
+
+
 def assert_no_errors(result: dict[str, Any]) -> None:
     errors = result["errors"]
     assert errors == {"page": [], "console": [], "requests": []}, json.dumps(errors, indent=1)
@@ -259,15 +302,20 @@ async def test_dashboard_shows_the_servers_data(
     async with server_process(uvicorn_args(port), tmp_path, port=port):
         async with browsing(
             node, f"http://127.0.0.1:{port}/", tmp_path,
-            "--config", json.dumps(ORDERS_SORTED), "--screenshot", str(SCREENSHOT),
+            "--config", json.dumps(ORDERS_SORTED),
+            "--chart-config", json.dumps(ORDERS_BY_CATEGORY_CHART),
+            "--screenshot", str(SCREENSHOT), "--reset",
         ) as browser:
             result = await in_thread(browser.report)
         assert_no_errors(result)
 
-        # The page opens on the live table, connected.
+        # The page opens on two panels, connected: the live table, and the orders charted.
         initial = result["initial"]
         assert (initial["table"], initial["options"]) == ("prices", ["orders", "prices"])
         assert initial["status"] == "connected"
+        assert initial["panels"] == ["table-panel", "chart-panel"]
+        assert initial["config"]["plugin"] == "Datagrid"
+        assert_chart(initial["chart"], ORDERS_CHART, CATEGORIES)
         assert initial["grid"]["headers"] == PRICES_COLUMNS
         shown = initial["grid"]["rows"]
         assert len(shown) >= 10
@@ -282,6 +330,7 @@ async def test_dashboard_shows_the_servers_data(
         # The picker switched the viewer to the other table, every row as the server has it.
         switched = result["switched"]
         assert switched["table"] == "orders"
+        assert {key: switched["chart"][key] for key in ORDERS_CHART} == ORDERS_CHART
         shown = switched["grid"]["rows"]
         assert len(shown) >= 10
         expected = await server_rows(port, "orders", len(shown))
@@ -299,6 +348,20 @@ async def test_dashboard_shows_the_servers_data(
             columns=ORDERS_SORTED["columns"], sort=ORDERS_SORTED["sort"],
         )
         assert shown == expected
+        # Another chart, restored into the chart panel (the restart test sees it drawn).
+        chart = configured["chart"]
+        assert {key: chart[key] for key in ORDERS_BY_CATEGORY_CHART} == ORDERS_BY_CATEGORY_CHART
+
+        # "Reset layout" put both panels back as the page opened.
+        reset = result["reset"]
+        table_config = reset["table"]["config"]
+        assert (table_config["table"], table_config["plugin"]) == ("prices", "Datagrid")
+        for key in ("group_by", "split_by", "sort", "filter"):
+            assert table_config[key] == [], key
+        assert reset["table"]["grid"]["headers"] == PRICES_COLUMNS
+        chart = reset["chart"]
+        assert {key: chart[key] for key in ORDERS_CHART} == ORDERS_CHART
+        assert chart["settings"] is False
 
         # The viewer never sent a request the server refused (read-only, or a view guard
         # refusal, which would count toward closing it with 1008).
@@ -314,6 +377,25 @@ async def test_dashboard_shows_the_servers_data(
         shutil.copyfile(SCREENSHOT, ROOT / "docs" / "dashboard.png")
 
 
+async def test_dashboard_without_orders_shows_one_panel(node: str, tmp_path: Path) -> None:
+    # Nothing to chart: the table panel takes the page, as it did before there was a chart.
+    data = tmp_path / "data.csv"
+    data.write_text("id,name\n1,alpha\n2,beta\n3,gamma\n")
+    port = free_port()
+    serve = command("serve", str(data), "--no-demo", "--port", str(port))
+    async with server_process(serve, tmp_path, port=port):
+        async with browsing(
+            node, f"http://127.0.0.1:{port}/", tmp_path, "--one-panel"
+        ) as browser:
+            result = await in_thread(browser.report)
+        assert_no_errors(result)
+        initial = result["initial"]
+        assert (initial["table"], initial["options"]) == ("data", ["data"])
+        assert initial["panels"] == ["table-panel"]
+        assert initial["grid"]["headers"] == ["id", "name"]
+        assert initial["grid"]["rows"] == await server_rows(port, "data", 3)
+
+
 async def test_dashboard_reconnects_after_a_server_restart(node: str, tmp_path: Path) -> None:
     port = free_port()
     first_logs, second_logs = tmp_path / "first", tmp_path / "second"
@@ -325,7 +407,8 @@ async def test_dashboard_reconnects_after_a_server_restart(node: str, tmp_path: 
         await in_thread(first.wait_listening)
         async with browsing(
             node, f"http://127.0.0.1:{port}/", tmp_path,
-            "--config", json.dumps(ORDERS_BY_REGION), "--restart",
+            "--config", json.dumps(ORDERS_BY_REGION),
+            "--chart-config", json.dumps(ORDERS_BY_CATEGORY_CHART), "--restart",
         ) as browser:
             assert await in_thread(browser.next_message) == {"event": "restart"}
             # A crash, not a shutdown: no close frame reaches the page.
@@ -344,6 +427,10 @@ async def test_dashboard_reconnects_after_a_server_restart(node: str, tmp_path: 
         assert shown == row_cells(before["grid"], width + 1)
         config = {key: ORDERS_BY_REGION[key] for key in ("group_by", "columns", "sort")}
         assert shown == await server_rows(port, "orders", len(shown), **config)
+        # The chart panel, too, came back as it was.
+        assert_chart(before["chart"], ORDERS_BY_CATEGORY_CHART, REGIONS)
+        assert after["chart"]["config"] == before["chart"]["config"]
+        assert after["chart"]["drawn"] == before["chart"]["drawn"]
 
         # The status line told the story: disconnected with a countdown, then connected.
         log = restart["status_log"]
@@ -382,8 +469,9 @@ async def test_three_pages_share_one_engine_view(node: str, tmp_path: Path) -> N
             result = await in_thread(browser.report)
         assert_no_errors(result)
 
-        # The three pages open on the live table, configured alike: one engine view serves
-        # the three, each page's one view of it an alias.
+        # The three pages open on the live table and the orders chart, configured alike: one
+        # engine view serves the three grids and one the three charts, each page's view of
+        # each an alias.
         initial = result["initial"]
         pages = initial["pages"]
         assert [page["config"]["table"] for page in pages] == ["prices"] * 3
@@ -393,11 +481,12 @@ async def test_three_pages_share_one_engine_view(node: str, tmp_path: Path) -> N
         assert len(symbols[0]) >= 10
         expected = await server_rows(port, "prices", len(symbols[0]), columns=["symbol"])
         assert symbols == [expected] * 3
-        assert requests_of(initial["metrics"], "table_make_view") == 3
-        assert sharing_gauges(initial["metrics"]) == (1, 3, 2)
+        assert requests_of(initial["metrics"], "table_make_view") == 6
+        assert sharing_gauges(initial["metrics"]) == (2, 6, 4)
 
         # Each page picked "orders" (a view of it) and restored the sorted configuration (a
-        # view again), deleting the view it replaced each time: one view each, shared again.
+        # view again) in its table panel, deleting the view it replaced each time: one view
+        # each, shared again.
         configured = result["configured"]
         grids = [page["grid"] for page in configured["pages"]]
         assert grids[0]["headers"] == ORDERS_SORTED["columns"]
@@ -408,10 +497,11 @@ async def test_three_pages_share_one_engine_view(node: str, tmp_path: Path) -> N
         assert shown == await server_rows(port, "orders", len(shown), **sorted_config)
         metrics = configured["metrics"]
         assert (requests_of(metrics, "table_make_view"), requests_of(metrics, "view_delete")) \
-            == (9, 6)
-        assert sharing_gauges(metrics) == (1, 3, 2)
+            == (12, 6)
+        assert sharing_gauges(metrics) == (2, 6, 4)
 
-        # The first page pivots: a view of its own, and the shared one keeps two aliases.
+        # The first page pivots: a view of its own, and the shared one keeps two aliases (the
+        # charts still share theirs).
         pivoted = result["pivoted"]
         assert pivoted["page"]["config"]["group_by"] == ORDERS_BY_REGION["group_by"]
         width = len(ORDERS_BY_REGION["columns"])
@@ -421,8 +511,8 @@ async def test_three_pages_share_one_engine_view(node: str, tmp_path: Path) -> N
         assert shown == await server_rows(port, "orders", len(shown), **grouped_config)
         metrics = pivoted["metrics"]
         assert (requests_of(metrics, "table_make_view"), requests_of(metrics, "view_delete")) \
-            == (10, 7)
-        assert sharing_gauges(metrics) == (2, 3, 1)
+            == (13, 7)
+        assert sharing_gauges(metrics) == (3, 6, 3)
 
         # The other two, drawn again from their views (a read each), still show the sorted
         # rows, unpivoted.
@@ -430,4 +520,4 @@ async def test_three_pages_share_one_engine_view(node: str, tmp_path: Path) -> N
         assert [page["grid"] for page in redrawn["pages"]] == grids[1:]
         reads = requests_of(redrawn["metrics"], "view_to_columns_string")
         assert reads >= requests_of(metrics, "view_to_columns_string") + 2
-        assert sharing_gauges(redrawn["metrics"]) == (2, 3, 1)
+        assert sharing_gauges(redrawn["metrics"]) == (3, 6, 3)

@@ -1,5 +1,8 @@
 // What the browser scripts share: their one JSON report on stdout, Debian's chromium, and the
 // demo dashboard in a page of it, instrumented and read with bounded waits.
+//
+// The dashboard has two panels, each a <perspective-viewer>: TABLE (a datagrid, the table the
+// picker chooses) and CHART ("orders" charted, shown when the server hosts "orders").
 
 import { createRequire } from "node:module";
 
@@ -11,6 +14,12 @@ const CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ];
+
+export const TABLE = "#table-panel perspective-viewer";
+export const CHART = "#chart-panel perspective-viewer";
+// A pixel counts as drawn in a series' colour when its channels differ by this much: greys
+// (axes, labels, gridlines) and white do not.
+const SATURATED = 64;
 
 // Stdout is for our JSON lines only.
 export const out = process.stdout.write.bind(process.stdout);
@@ -103,7 +112,7 @@ function instrumentPage() {
     window.__dashboard = {
         statusLog: log,
         readGrid() {
-            const viewer = document.querySelector("perspective-viewer");
+            const viewer = document.querySelector("#table-panel perspective-viewer");
             const datagrid = viewer?.querySelector("perspective-viewer-datagrid");
             const table = datagrid?.shadowRoot?.querySelector("regular-table");
             if (!table) return null;
@@ -169,14 +178,35 @@ export class Dashboard {
         return this.page.evaluate(() => window.__dashboard.readGrid());
     }
 
-    save() {
-        return this.page.evaluate(() => document.querySelector("perspective-viewer").save());
+    save(viewer = TABLE) {
+        return this.page.evaluate((viewer) => document.querySelector(viewer).save(), viewer);
     }
 
-    restore(config) {
+    restore(config, viewer = TABLE) {
         return this.page.evaluate(
-            (config) => document.querySelector("perspective-viewer").restore(config), config,
+            ([config, viewer]) => document.querySelector(viewer).restore(config), [config, viewer],
         );
+    }
+
+    // The ids of the panels shown, in page order.
+    panels() {
+        return this.page.$$eval("main > .panel", (panels) =>
+            panels.filter((panel) => !panel.hidden).map((panel) => panel.id));
+    }
+
+    // Clicks "reset layout", waits for both panels to show `table` and `chart` again, and
+    // returns the table panel settled and the chart panel's configuration.
+    async resetLayout(table, chart) {
+        await this.page.click("#reset");
+        for (const [viewer, wanted] of [[TABLE, table], [CHART, chart]]) {
+            const what = `${viewer} shows ${wanted.table} as at first`;
+            await this.waitFor(what, async ([viewer, wanted]) => {
+                const config = await document.querySelector(viewer).save();
+                return config.table === wanted.table && config.plugin === wanted.plugin &&
+                    JSON.stringify(config.group_by) === JSON.stringify(wanted.group_by);
+            }, [viewer, wanted]);
+        }
+        return { table: await this.settled(), chart: await this.save(CHART) };
     }
 
     // Polls `predicate` (which may be async) in the page until it returns something truthy,
@@ -193,8 +223,8 @@ export class Dashboard {
 
     // Waits until the viewer is connected and its grid shows rows of the configured columns.
     settled() {
-        return this.waitFor("the grid shows the viewer's table", async () => {
-            const viewer = document.querySelector("perspective-viewer");
+        return this.waitFor("the grid shows the viewer's table", async (selector) => {
+            const viewer = document.querySelector(selector);
             if (document.getElementById("status").dataset.state !== "open") return null;
             if (typeof viewer.flush !== "function") return null;  // not defined yet
             await viewer.flush();
@@ -204,14 +234,81 @@ export class Dashboard {
             const ready = grid !== null && grid.rows.length > 0 &&
                 JSON.stringify(shown) === JSON.stringify(config.columns);
             return ready ? { config, grid } : null;
-        });
+        }, TABLE);
+    }
+
+    // Waits until the chart panel has drawn, and returns its configuration, its plugin's
+    // element and canvases, and what a screenshot of it shows: `colored`, the share of pixels
+    // in a series' colour, and `hues`, the share of each hue (in 30° steps) among all pixels.
+    // Drawn means two screenshots in a row alike, with some colour: the chart plugin draws in
+    // a worker, after the viewer's flush() resolves.
+    async chartSettled() {
+        const shown = await this.waitFor("the chart panel shows a chart", async (viewer) => {
+            const element = document.querySelector(viewer);
+            if (document.getElementById("status").dataset.state !== "open") return null;
+            if (element.parentElement.hidden || typeof element.flush !== "function") return null;
+            await element.flush();
+            const plugin = await element.getPlugin();
+            const nodes = (plugin.shadowRoot ?? plugin).querySelectorAll("canvas, svg");
+            const canvases = [...nodes].map((node) => ({
+                tag: node.tagName.toLowerCase(), class: node.getAttribute("class"),
+                width: node.clientWidth, height: node.clientHeight,
+            }));
+            if (!canvases.some((canvas) => canvas.width > 0 && canvas.height > 0)) return null;
+            return { config: await element.save(), plugin: plugin.tagName.toLowerCase(), canvases };
+        }, CHART);
+        const until = Date.now() + this.timeout;
+        let previous = null;
+        for (;;) {
+            const drawn = await this.chartPixels();
+            if (drawn.colored > 0 && JSON.stringify(drawn) === JSON.stringify(previous)) {
+                return { ...shown, drawn };
+            }
+            if (Date.now() > until) {
+                throw new Error(`timed out after ${this.timeout} ms: the chart draws ` +
+                                JSON.stringify(drawn));
+            }
+            previous = drawn;
+            await new Promise((resolve) => setTimeout(resolve, 50));
+        }
+    }
+
+    // What the chart panel shows, from a screenshot of it: the pixels are those on screen,
+    // whichever canvas (WebGL or 2D, in the page or a worker) drew them.
+    async chartPixels() {
+        const png = await this.page.locator(CHART).screenshot();
+        return this.page.evaluate(async ([base64, saturated]) => {
+            const bytes = Uint8Array.from(atob(base64), (char) => char.charCodeAt(0));
+            const bitmap = await createImageBitmap(new Blob([bytes], { type: "image/png" }));
+            const context = new OffscreenCanvas(bitmap.width, bitmap.height).getContext("2d");
+            context.drawImage(bitmap, 0, 0);
+            const { data } = context.getImageData(0, 0, bitmap.width, bitmap.height);
+            const pixels = bitmap.width * bitmap.height;
+            const counts = {};
+            let colored = 0;
+            for (let i = 0; i < data.length; i += 4) {
+                const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
+                const max = Math.max(r, g, b);
+                const range = max - Math.min(r, g, b);
+                if (range < saturated) continue;
+                colored += 1;
+                const sector = max === r ? ((g - b) / range + 6) % 6
+                    : max === g ? (b - r) / range + 2 : (r - g) / range + 4;
+                const hue = (Math.round(sector * 2) % 12) * 30;
+                counts[hue] = (counts[hue] ?? 0) + 1;
+            }
+            const round = (count) => Math.round((count / pixels) * 1e4) / 1e4;
+            const hues = Object.fromEntries(
+                Object.entries(counts).map(([hue, count]) => [hue, round(count)]));
+            return { width: bitmap.width, height: bitmap.height, colored: round(colored), hues };
+        }, [png.toString("base64"), SATURATED]);
     }
 
     // Picks `name` in the page's table picker and waits for the grid to show it.
     async pick(name) {
         await this.page.selectOption("#table", name);
-        await this.waitFor(`the viewer shows ${name}`, async (wanted) =>
-            (await document.querySelector("perspective-viewer").save()).table === wanted, name);
+        await this.waitFor(`the viewer shows ${name}`, async ([viewer, wanted]) =>
+            (await document.querySelector(viewer).save()).table === wanted, [TABLE, name]);
         return this.settled();
     }
 }
