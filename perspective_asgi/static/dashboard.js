@@ -79,6 +79,7 @@ class Panel {
         const table = this.defaultTable(names);
         if (this.optional) this.section.hidden = table === null;
         if (this.section.hidden) return;
+        // Released when the socket closed too, but a chart drawn since holds the closed client.
         await this.releaseCharts();
         await this.viewer.load(client);
         if (this.saved !== null && names.includes(this.saved.table)) {
