@@ -9,6 +9,7 @@ stream. The other tests pin what sharing saves and that it leaves nothing behind
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import anyio
@@ -42,6 +43,7 @@ from ._helpers import (
     CountingFactory,
     NewTransport,
     connect,
+    in_thread,
     local_table,
     serving,
 )
@@ -173,6 +175,87 @@ async def test_fifty_identical_views_cost_one_engine_view(
     # connection's task has ended.
     with anyio.fail_after(SCENARIO_TIMEOUT):
         await _until(lambda: sharing.totals() == (0, 0))
+
+
+class _HeldEngine:
+    """A ``perspective.Server`` whose sessions hold each ``table_make_view`` until released,
+    and count them: a test makes a view in one thread while another asks for the same."""
+
+    def __init__(self) -> None:
+        self.server = perspective.Server()
+        self.made = 0
+        self.first, self.second, self.release = (threading.Event() for _ in range(3))
+
+    def new_session(self, callback: Any) -> Any:
+        return _HeldSession(self, self.server.new_session(callback))
+
+
+class _HeldSession:
+    def __init__(self, engine: _HeldEngine, session: Any) -> None:
+        self._engine = engine
+        self._session = session
+
+    def handle_request(self, data: bytes) -> None:
+        engine = self._engine
+        if read_envelope(data).kind == 6:
+            engine.made += 1
+            (engine.first if engine.made == 1 else engine.second).set()
+            engine.release.wait(SCENARIO_TIMEOUT)
+        self._session.handle_request(data)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+#: How long a second ``table_make_view`` is given to reach the engine, where it must not.
+NOT_MADE_WITHIN = 0.5
+
+
+async def test_a_view_asked_for_while_it_is_being_made_waits_for_it() -> None:
+    # The pages of a dashboard reconnecting after a restart ask for the same views at once,
+    # each in a worker thread: the second must wait for the view the first is making.
+    engine = _HeldEngine()
+    engine.server.new_local_client().table(ROWS, name=TABLE, index="a")
+    shared = sharing.SharedViews(engine)
+    made: list[tuple[Any, bytes]] = []
+    threads = [threading.Thread(target=lambda: made.append(shared.view_for(TABLE, None)))
+               for _ in range(2)]
+    try:
+        threads[0].start()
+        assert await in_thread(engine.first.wait, SCENARIO_TIMEOUT)
+        threads[1].start()
+        assert not await in_thread(engine.second.wait, NOT_MADE_WITHIN), "a second view made"
+    finally:
+        engine.release.set()
+        for thread in threads:
+            await in_thread(thread.join, SCENARIO_TIMEOUT)
+    assert engine.made == 1
+    [(first, _), (second, _)] = made
+    assert first is not None and first is second
+    assert (shared.views, shared.aliases) == (1, 2)
+    shared.close()
+
+
+async def test_a_view_that_could_not_be_made_is_tried_again_by_the_next() -> None:
+    engine = _HeldEngine()
+    shared = sharing.SharedViews(engine)
+    made: list[tuple[Any, bytes]] = []
+    threads = [threading.Thread(target=lambda: made.append(shared.view_for("nope", None)))
+               for _ in range(2)]
+    try:
+        threads[0].start()
+        assert await in_thread(engine.first.wait, SCENARIO_TIMEOUT)
+        threads[1].start()
+    finally:
+        engine.release.set()
+        for thread in threads:
+            await in_thread(thread.join, SCENARIO_TIMEOUT)
+    # Each got the engine's own error; neither waits for ever on the failed one.
+    assert engine.made == 2
+    assert [view for view, _ in made] == [None, None]
+    assert all(b"nope" in reply for _, reply in made)
+    assert (shared.views, shared.aliases) == (0, 0)
+    shared.close()
 
 
 async def test_viewers_reading_one_window_cost_the_engine_one_read_per_update(

@@ -223,6 +223,8 @@ class SharedViews:
         self._session: Any = None
         self._lock = threading.Lock()
         self._index: dict[tuple[str, bytes | None], _EngineView] = {}
+        #: Views being made, by key, each set once its view is in ``_index`` (or failed).
+        self._making: dict[tuple[str, bytes | None], threading.Event] = {}
         #: Every feed, by its engine ``msg_id``.
         self._feeds: dict[int, _Feed] = {}
         #: Replies to requests in flight, by ``msg_id``; filled within ``handle_request``.
@@ -287,18 +289,31 @@ class SharedViews:
         """Return a shared view of ``table`` with ``config`` and its ``table_make_view``
         reply, or ``None`` and the engine's error."""
         key = (table, _config_key(config))
-        with self._lock:
-            view = self._index.get(key)
-            if view is not None:
-                view.aliases += 1
-                self.aliases += 1
-                return view, b""
-        view, reply = self._create(table, config)
-        if view is not None:
+        while True:
             with self._lock:
-                # Two connections may have made the same view at once: one is shared.
-                if self._index.setdefault(key, view) is view:
+                view = self._index.get(key)
+                if view is not None:
+                    view.aliases += 1
+                    self.aliases += 1
+                    return view, b""
+                making = self._making.get(key)
+                if making is None:
+                    making = self._making[key] = threading.Event()
+                    break
+            # Another connection is making this view, in another thread: wait for it rather
+            # than make a second one (the pages of a dashboard reconnecting after a restart
+            # all ask at once). If it failed, the next attempt makes its own.
+            making.wait()
+        try:
+            view, reply = self._create(table, config)
+            if view is not None:
+                with self._lock:
+                    self._index[key] = view
                     view.key = key
+        finally:
+            with self._lock:
+                del self._making[key]
+            making.set()
         return view, reply
 
     def _create(self, table: str, config: bytes | None) -> tuple[_EngineView | None, bytes]:
