@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import anyio.to_thread
@@ -380,6 +380,14 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Seconds a server process gets to start listening, and to exit once signalled.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+
+
+def unavailable(reason: str, what: str) -> NoReturn:
+    """Skip a test for want of something the machine lacks; under CI, which installs
+    everything (.ci/run), fail instead, so that nothing is skipped there unnoticed."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI must run {what} (see .ci/run)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import textwrap
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -38,55 +37,17 @@ import anyio
 import pytest
 
 from ._helpers import ROOT, SCENARIO_TIMEOUT, connect, free_port, in_thread, server_process
+from ._markdown import INCLUDE, Block, blocks, blocks_marked
 
 #: The Markdown that readers meet: the README, the site's pages and what they include.
 PAGES = sorted(
     [ROOT / "README.md", ROOT / "SECURITY.md", ROOT / "CHANGELOG.md",
      ROOT / "examples" / "README.md", *(ROOT / "docs").rglob("*.md")]
 )
-FENCE = re.compile(
-    r"^(?:<!-- (?P<marker>[a-z-]+)(?::\s*(?P<argument>.*?))? -->\n)?"
-    r"(?P<indent>[ ]*)```(?P<language>\w*)[^\n]*\n(?P<body>.*?)^(?P=indent)```$",
-    re.DOTALL | re.MULTILINE,
-)
-INCLUDE = re.compile(r'^\s*--8<-- "(?P<path>[^"]+)"\s*$', re.MULTILINE)
 #: How long a `run` block may take: each builds objects, none serves.
 RUN_TIMEOUT = 60.0
 #: The site's home page, and the page a reader must reach from it in two clicks.
 FASTAPI_PAGE = "tutorials/fastapi/index.html"
-
-
-@dataclass(frozen=True)
-class Block:
-    """One fenced code block of a Markdown file."""
-
-    page: Path
-    line: int
-    language: str
-    marker: str | None
-    argument: str | None
-    body: str
-
-    @property
-    def where(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
-
-    @property
-    def included(self) -> str | None:
-        found = INCLUDE.fullmatch(self.body.strip())
-        return found.group("path") if found else None
-
-
-def blocks(page: Path) -> list[Block]:
-    text = page.read_text("utf-8")
-    found = []
-    for match in FENCE.finditer(text):
-        indent = len(match.group("indent"))
-        body = "".join(line[indent:] for line in match.group("body").splitlines(True))
-        line = text.count("\n", 0, match.start()) + 1
-        found.append(Block(page, line, match.group("language"), match.group("marker"),
-                           match.group("argument"), body))
-    return found
 
 
 ALL_BLOCKS = [block for page in PAGES for block in blocks(page)]
@@ -360,8 +321,7 @@ def test_the_readme_is_a_landing_page() -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_serve_tutorial_commands_serve_the_file(tmp_path: Path) -> None:
-    (block,) = [block for block in ALL_BLOCKS if block.marker == "run"
-                and block.argument == "serve"]
+    (block,) = blocks_marked(ROOT / "docs" / "tutorials" / "serve.md", "run", "serve")
     make, serve = block.body.strip().splitlines()
     subprocess.run(make, shell=True, cwd=tmp_path, check=True, timeout=RUN_TIMEOUT)
     command = serve.split()
