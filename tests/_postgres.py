@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from ._helpers import free_port
+from ._helpers import free_port, unavailable
 
 #: The rows of ``plant.public.readings``, by column, in ``id`` order.
 ROWS: dict[str, list[Any]] = {
@@ -218,9 +218,7 @@ class PostgresCluster:
 
 
 def _unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must run the PostgreSQL tests (see .ci/run)")
-    pytest.skip(reason)
+    unavailable(reason, "the PostgreSQL tests")
 
 
 def _owner() -> str | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
-import os
 import signal
 import socket
 import subprocess
@@ -45,7 +44,15 @@ import websockets
 from perspective_asgi.client import open_connection
 from perspective_asgi.replica import CLOSE_TIMEOUT, PING_INTERVAL, PING_TIMEOUT, Replica
 
-from ._helpers import START_TIMEOUT, command, connect, environment, in_thread, readiness
+from ._helpers import (
+    START_TIMEOUT,
+    command,
+    connect,
+    environment,
+    in_thread,
+    readiness,
+    unavailable,
+)
 from ._netns import Host, Link, Topology, why_unavailable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
@@ -451,11 +458,8 @@ SCENARIOS: dict[str, Scenario] = {
 def require_namespaces() -> None:
     """Skip where network namespaces cannot be made; under CI, fail instead."""
     reason = why_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI runs the topology tests, but: {reason}")
-    pytest.skip(reason)
+    if reason is not None:
+        unavailable(reason, "the topology tests")
 
 
 @pytest.fixture
@@ -489,7 +493,7 @@ def test_without_namespaces_it_skips_and_under_ci_it_fails(
     with pytest.raises(pytest.skip.Exception, match=r"namespace|root"):
         require_namespaces()
     monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="CI runs the topology tests"):
+    with pytest.raises(pytest.fail.Exception, match="CI must run the topology tests"):
         require_namespaces()
 
 
