@@ -43,20 +43,8 @@ def anyio_backend() -> str:
     return "asyncio"  # perspective_asgi.testing runs on asyncio
 
 
-# The example of docs/client.md, "Testing an app in-process". ---------------------------------
-
+# examples/fastapi_app.py (its own tests, examples/test_fastapi_app.py, run in test_examples).
 fastapi_example = load_example("fastapi_app")
-
-
-async def test_sales_table() -> None:
-    async with connect_asgi(fastapi_example.app, "/websocket?token=alice-token") as client:
-        table = await client.open_table("sales")
-        assert await table.size() == 4
-        view = await table.view(columns=["region"], sort=[["units", "desc"]])
-        assert (await view.to_columns())["region"] == ["East", "North", "South", "West"]
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def demo_server() -> perspective.Server:
