@@ -382,6 +382,14 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
 
+async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Wait until ``condition()`` holds, polling: for state that signals nothing when it
+    changes (a gauge, a count kept on another thread); fail after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
 def unavailable(reason: str, what: str) -> NoReturn:
     """Skip a test for want of something the machine lacks; under CI, which installs
     everything (.ci/run), fail instead, so that nothing is skipped there unnoticed."""

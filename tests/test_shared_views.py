@@ -22,7 +22,7 @@ from hypothesis import given
 from perspective_asgi import Settings
 from perspective_asgi._core import sharing
 from perspective_asgi._core.bridge import SessionBridge
-from perspective_asgi._core.wire import read_envelope
+from perspective_asgi._core.wire import TABLE_SIZE, read_envelope
 
 from ._differential import (
     CONFIGS,
@@ -46,6 +46,7 @@ from ._helpers import (
     in_thread,
     local_table,
     serving,
+    until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -157,8 +158,12 @@ async def test_fifty_identical_views_cost_one_engine_view(
             config = encodings[number % len(encodings)] or b""
             body = length_delimited(1, f"view-{number}".encode()) + length_delimited(2, config)
             await transport.feed(request(7, TABLE, 6, body),
-                                 request(8, f"view-{number}", ON_UPDATE))
+                                 request(8, f"view-{number}", ON_UPDATE),
+                                 request(10, TABLE, TABLE_SIZE))
             assert kind_of(await transport.next_reply()) == 6
+            # A round trip after the subscription, which has no reply: it has reached the
+            # engine before an update sent on another connection below is processed.
+            assert kind_of(await transport.next_reply()) == TABLE_SIZE
         # Shared: no view is made on a connection's session, and the engine holds one.
         assert counting.made == (0 if share else 50)
         assert sharing.totals() == ((1, 50) if share else (0, 0))
@@ -174,7 +179,7 @@ async def test_fifty_identical_views_cost_one_engine_view(
     # thread is closed by that thread once it leaves the engine, maybe just after the
     # connection's task has ended.
     with anyio.fail_after(SCENARIO_TIMEOUT):
-        await _until(lambda: sharing.totals() == (0, 0))
+        await until(lambda: sharing.totals() == (0, 0))
 
 
 class _HeldEngine:
@@ -274,8 +279,12 @@ async def test_viewers_reading_one_window_cost_the_engine_one_read_per_update(
             body = length_delimited(1, f"view-{number}".encode()) + length_delimited(
                 2, newest_first)
             await transport.feed(request(7, TABLE, 6, body),
-                                 request(8, f"view-{number}", ON_UPDATE))
+                                 request(8, f"view-{number}", ON_UPDATE),
+                                 request(10, TABLE, TABLE_SIZE))
             assert kind_of(await transport.next_reply()) == 6
+            # A round trip after the subscription, which has no reply: it has reached the
+            # engine before an update sent on another connection below is processed.
+            assert kind_of(await transport.next_reply()) == TABLE_SIZE
         [shared] = sharing._shared_views.values()
         for a in (100, 200):
             rows = length_delimited(4, f'[{{"a": {a}, "b": "q", "c": 2.5}}]'.encode())
@@ -297,7 +306,7 @@ async def test_viewers_reading_one_window_cost_the_engine_one_read_per_update(
             assert (shared.engine_reads - engine_reads, shared.cached_reads - cached_reads) \
                 == (1, len(transports) - 1)
     with anyio.fail_after(SCENARIO_TIMEOUT):  # as in the test above
-        await _until(lambda: sharing.totals() == (0, 0))
+        await until(lambda: sharing.totals() == (0, 0))
 
 
 # Over every adapter, with the stock client ----------------------------------------------------
@@ -334,7 +343,7 @@ async def test_fifty_clients_share_one_view_on_every_adapter(
                     await views[2].num_rows()
             for view in views[2:]:
                 await view.num_rows()
-            await _until(lambda: all(len(ids) == 10 for ids in got[2:]))
+            await until(lambda: all(len(ids) == 10 for ids in got[2:]))
             for ids in got[2:]:
                 assert ids == list(range(100, 110))  # every update, in order
             assert got[0] == got[1] == list(range(100, 105))
@@ -353,8 +362,3 @@ def _collector(ids: list[int]) -> Any:
     def on_update(port_id: int, delta: bytes) -> None:
         ids.extend(pa.ipc.open_stream(delta).read_all().column("id").to_pylist())
     return on_update
-
-
-async def _until(condition: Any) -> None:
-    while not condition():
-        await anyio.sleep(0.01)
