@@ -122,6 +122,10 @@ class _CountingServer:
     def new_session(self, callback: Any) -> Any:
         return _CountingSession(self, self.server.new_session(callback))
 
+    def making_view(self) -> None:
+        """Called in the requesting thread before each ``table_make_view`` reaches the engine."""
+        self.made += 1
+
 
 class _CountingSession:
     def __init__(self, server: _CountingServer, session: Any) -> None:
@@ -130,7 +134,7 @@ class _CountingSession:
 
     def handle_request(self, data: bytes) -> None:
         if read_envelope(data).kind == 6:
-            self._server.made += 1
+            self._server.making_view()
         self._session.handle_request(data)
 
     def close(self) -> None:
@@ -182,34 +186,18 @@ async def test_fifty_identical_views_cost_one_engine_view(
         await until(lambda: sharing.totals() == (0, 0))
 
 
-class _HeldEngine:
+class _HeldEngine(_CountingServer):
     """A ``perspective.Server`` whose sessions hold each ``table_make_view`` until released,
     and count them: a test makes a view in one thread while another asks for the same."""
 
     def __init__(self) -> None:
-        self.server = perspective.Server()
-        self.made = 0
+        super().__init__()
         self.first, self.second, self.release = (threading.Event() for _ in range(3))
 
-    def new_session(self, callback: Any) -> Any:
-        return _HeldSession(self, self.server.new_session(callback))
-
-
-class _HeldSession:
-    def __init__(self, engine: _HeldEngine, session: Any) -> None:
-        self._engine = engine
-        self._session = session
-
-    def handle_request(self, data: bytes) -> None:
-        engine = self._engine
-        if read_envelope(data).kind == 6:
-            engine.made += 1
-            (engine.first if engine.made == 1 else engine.second).set()
-            engine.release.wait(SCENARIO_TIMEOUT)
-        self._session.handle_request(data)
-
-    def close(self) -> None:
-        self._session.close()
+    def making_view(self) -> None:
+        super().making_view()
+        (self.first if self.made == 1 else self.second).set()
+        self.release.wait(SCENARIO_TIMEOUT)
 
 
 #: How long a second ``table_make_view`` is given to reach the engine, where it must not.
