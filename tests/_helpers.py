@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import importlib.util
 import inspect
 import json
 import os
@@ -25,6 +26,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn
 
 import anyio
@@ -32,6 +34,7 @@ import anyio.to_thread
 import perspective
 import pytest
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
 from perspective_asgi import CloseCode, ConnectionClosed, SessionBridge
@@ -388,6 +391,38 @@ async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     with anyio.fail_after(timeout):
         while not condition():
             await anyio.sleep(0.01)
+
+
+async def refused_status(url: str, **options: Any) -> int:
+    """The HTTP status of a handshake to ``url`` that must be refused."""
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(url, **options):
+            raise AssertionError(f"{url} accepted the handshake")
+    return refused.value.response.status_code
+
+
+#: Prometheus samples by name and sorted labels.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metric_samples(text: str) -> Samples:
+    """The samples of a Prometheus text exposition (``/metrics``), by name and labels."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` in this process."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}",
+                                                  ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look up the module's annotations
+    spec.loader.exec_module(module)
+    return module
 
 
 def unavailable(reason: str, what: str) -> NoReturn:

@@ -8,7 +8,6 @@ from typing import Any
 
 import anyio
 import pytest
-import websockets
 from fastapi import Depends, FastAPI, WebSocket, WebSocketException
 
 from perspective_asgi import (
@@ -19,7 +18,7 @@ from perspective_asgi import (
     Settings,
 )
 
-from ._helpers import DEMO_ROWS, SCENARIO_TIMEOUT, CountingFactory, connect
+from ._helpers import DEMO_ROWS, SCENARIO_TIMEOUT, CountingFactory, connect, refused_status
 from ._servers import serve_in_background, uvicorn_main
 
 pytestmark = pytest.mark.anyio
@@ -76,13 +75,6 @@ async def still_serving_with_token(url: str) -> None:
     async with connect(f"{url}?token=s3cret") as conn:
         table = await conn.client.open_table("demo")
         assert await table.size() == len(DEMO_ROWS["id"])
-
-
-async def refused_status(url: str, **options: Any) -> int:
-    with pytest.raises(websockets.InvalidStatus) as refused:
-        async with websockets.connect(url, **options):
-            pass
-    return refused.value.response.status_code
 
 
 async def test_bearer_header_is_accepted_and_the_principal_reaches_the_bridge(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import re
 import shlex
@@ -14,7 +13,6 @@ import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import anyio
@@ -22,7 +20,6 @@ import httpx
 import perspective
 import pytest
 import websockets
-from prometheus_client.parser import text_string_to_metric_families
 
 from perspective_asgi import CloseCode
 from perspective_asgi.testing import connect_asgi
@@ -33,12 +30,16 @@ from ._helpers import (
     STOP_TIMEOUT,
     WAIT,
     Connection,
+    Samples,
     ServerProcess,
     closed_with,
     connect,
     environment,
     free_port,
     in_thread,
+    load_example,
+    metric_samples,
+    refused_status,
     server_process,
     viewer_bundle_installed,
 )
@@ -137,26 +138,8 @@ async def stop(process: ServerProcess, conn: Connection, command: Command) -> No
     process.assert_stopped_cleanly(await in_thread(process.wait_exit))
 
 
-async def refused_status(url: str, **options: Any) -> int:
-    """The HTTP status of a handshake to ``url`` that must be refused."""
-    with pytest.raises(websockets.InvalidStatus) as refused:
-        async with websockets.connect(url, **options):
-            raise AssertionError(f"{url} accepted the handshake")
-    return refused.value.response.status_code
-
-
 def bearer(token: str) -> dict[str, Any]:
     return {"additional_headers": {"Authorization": f"Bearer {token}"}}
-
-
-def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` in this process."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # where dataclasses look up the module's annotations
-    spec.loader.exec_module(module)
-    return module
 
 
 def command_id(command: Command) -> str:
@@ -256,15 +239,11 @@ async def test_authentication_hook_and_a_policy_per_principal(tmp_path: Path) ->
             await stop(process, conn, command)
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(port: int) -> Samples:
     """The metrics of the server on ``port``, by sample name and labels."""
     status, content_type, text = http_get(f"http://127.0.0.1:{port}{METRICS_PATH}")
     assert (status, content_type.split(";")[0]) == (200, "text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return metric_samples(text)
 
 
 async def test_metrics_app_counts_the_connection_and_its_requests(tmp_path: Path) -> None:
@@ -396,11 +375,7 @@ async def test_demo_app(signum: int, tmp_path: Path) -> None:
                 # Metrics count this connection and the requests it made so far.
                 _, content_type, text = await in_thread(http_get, f"{base}/metrics")
                 assert content_type.startswith("text/plain")
-                scraped = {
-                    (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                    for family in text_string_to_metric_families(text)
-                    for sample in family.samples
-                }
+                scraped = metric_samples(text)
                 assert scraped[("perspective_connections", ())] == 1
                 sizes = ("perspective_request_seconds_count", (("kind", "table_size"),))
                 assert scraped[sizes] == 2

@@ -8,12 +8,11 @@ import anyio
 import pytest
 import websockets
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from perspective_asgi import Settings
 from perspective_asgi.metrics import PrometheusObserver
 
-from ._helpers import SCENARIO_TIMEOUT, CountingFactory, connect, until
+from ._helpers import SCENARIO_TIMEOUT, CountingFactory, Samples, connect, metric_samples, until
 
 pytestmark = pytest.mark.anyio
 
@@ -28,16 +27,11 @@ def settings(observer: PrometheusObserver) -> Settings:
     return Settings(observer=observer)
 
 
-def scrape(observer: PrometheusObserver) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = generate_latest(observer.registry).decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+def scrape(observer: PrometheusObserver) -> Samples:
+    return metric_samples(generate_latest(observer.registry).decode())
 
 
-def samples(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+def samples(scraped: Samples,
             name: str) -> Iterator[tuple[dict[str, str], float]]:
     for (sample, labels), value in scraped.items():
         if sample == name:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
-import sys
 from collections.abc import AsyncIterator, MutableMapping
-from types import ModuleType
 from typing import Annotated, Any
 
 import anyio
@@ -23,19 +20,9 @@ from perspective_asgi.adapters.starlette import (
 )
 from perspective_asgi.testing import ConnectError, InProcessApp, connect_asgi
 
-from ._helpers import ROOT, SCENARIO_TIMEOUT
+from ._helpers import SCENARIO_TIMEOUT, load_example
 
 pytestmark = pytest.mark.anyio
-
-
-def load_example(name: str) -> ModuleType:
-    path = ROOT / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # where dataclasses look up the module's annotations
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
