@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
-import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.MULTILINE)
@@ -39,30 +40,45 @@ def on_page_markdown(markdown: str, **_: Any) -> str:
 # Comments ---------------------------------------------------------------------------------
 
 
-def documented_names(cls: type) -> dict[str, tuple[ast.stmt, str]]:
-    """Each name assigned in the body of ``cls``, with its statement and its ``#:`` comment."""
+@dataclass(frozen=True)
+class Documented:
+    """A name assigned in a class body: its annotation and value as written, and the ``#:``
+    comment above it."""
+
+    annotation: str
+    written: str
+    comment: str
+
+
+def documented_names(cls: type) -> dict[str, Documented]:
+    """Each name assigned in the body of ``cls`` (``name = ...`` or ``name: T = ...``)."""
     source = inspect.getsource(cls)
     lines = source.splitlines()
     body = ast.parse(source).body[0]
     assert isinstance(body, ast.ClassDef)
-    found: dict[str, tuple[ast.stmt, str]] = {}
+    found = {}
     for statement in body.body:
-        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
-            name = statement.target.id
-        elif (
-            isinstance(statement, ast.Assign)
-            and len(statement.targets) == 1
-            and isinstance(statement.targets[0], ast.Name)
-        ):
-            name = statement.targets[0].id
+        targets: list[ast.expr]
+        if isinstance(statement, ast.AnnAssign):
+            targets, annotation = [statement.target], statement.annotation
+        elif isinstance(statement, ast.Assign):
+            targets, annotation = statement.targets, None
         else:
+            continue
+        [target] = targets
+        if not isinstance(target, ast.Name) or statement.value is None:
             continue
         comment: list[str] = []
         row = statement.lineno - 2
         while row >= 0 and lines[row].strip().startswith("#:"):
             comment.insert(0, lines[row].strip()[2:].strip())
             row -= 1
-        found[name] = (statement, markdown_text(" ".join(comment)))
+        found[target.id] = Documented(
+            annotation="" if annotation is None else ast.get_source_segment(source, annotation)
+            or "",
+            written=ast.get_source_segment(source, statement.value) or "",
+            comment=markdown_text(" ".join(comment)),
+        )
     return found
 
 
@@ -80,15 +96,12 @@ def settings() -> str:
     from perspective_asgi._core.wire import REQUEST_KIND_NAMES
 
     documented = documented_names(Settings)
-    source = inspect.getsource(Settings)
     sections = []
     for field in dataclasses.fields(Settings):
-        statement, comment = documented[field.name]
-        if not comment:
+        entry = documented[field.name]
+        if not entry.comment:
             raise ValueError(f"Settings.{field.name} has no #: comment")
-        assert isinstance(statement, ast.AnnAssign) and statement.value is not None
-        annotation = ast.get_source_segment(source, statement.annotation)
-        written = ast.get_source_segment(source, statement.value) or ""
+        written = entry.written
         value: Any = (
             field.default_factory()
             if field.default_factory is not dataclasses.MISSING
@@ -104,7 +117,7 @@ def settings() -> str:
             default = f"`{written}` ({value:,})" if isinstance(value, int) else f"`{written}`"
         sections.append(
             f"### `{field.name}`\n\n"
-            f"- Type: `{annotation}`\n- Default: {default}\n\n{comment}\n"
+            f"- Type: `{entry.annotation}`\n- Default: {default}\n\n{entry.comment}\n"
         )
     return "\n".join(sections)
 
@@ -116,22 +129,15 @@ def cli() -> str:
     from perspective_asgi import cli as module
 
     parser = module._parser()
-    # argparse wraps its help to the terminal's width: fix it, so the page is the same anywhere.
-    previous = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "96"
-    try:
-        sections = [f"## `{parser.prog}`\n\n```text\n{parser.format_help()}```\n"]
-        for action in parser._subparsers._group_actions if parser._subparsers else []:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, command in action.choices.items():
-                    sections.append(
-                        f"## `{parser.prog} {name}`\n\n```text\n{command.format_help()}```\n"
-                    )
-    finally:
-        if previous is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = previous
+    commands = next(action for action in parser._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    sections = []
+    for name, command in [(parser.prog, parser), *commands.choices.items()]:
+        # argparse wraps help to the terminal's width: a fixed one makes the page the same
+        # wherever it is built.
+        command.formatter_class = functools.partial(argparse.HelpFormatter, width=96)
+        title = name if command is parser else f"{parser.prog} {name}"
+        sections.append(f"## `{title}`\n\n```text\n{command.format_help()}```\n")
     return "\n".join(sections)
 
 
@@ -144,7 +150,7 @@ def close_codes() -> str:
     documented = documented_names(CloseCode)
     rows = ["| Code | Name | When |", "| --- | --- | --- |"]
     for code in CloseCode:
-        comment = documented[code.name][1]
+        comment = documented[code.name].comment
         if not comment:
             raise ValueError(f"CloseCode.{code.name} has no #: comment")
         rows.append(f"| {code.value} | `{code.name}` | {comment} |")
