@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import html
 import inspect
 import os
@@ -36,8 +37,12 @@ from urllib.parse import urljoin, urlsplit
 import anyio
 import pytest
 
+import perspective_asgi
+from perspective_asgi import CloseCode, Settings, cli
+from perspective_asgi.metrics import PrometheusObserver
+
 from ._helpers import ROOT, SCENARIO_TIMEOUT, connect, free_port, in_thread, server_process
-from ._markdown import INCLUDE, Block, blocks, blocks_marked
+from ._markdown import Block, blocks, blocks_marked
 
 #: The Markdown that readers meet: the README, the site's pages and what they include.
 PAGES = sorted(
@@ -46,9 +51,8 @@ PAGES = sorted(
 )
 #: How long a `run` block may take: each builds objects, none serves.
 RUN_TIMEOUT = 60.0
-#: The site's home page, and the page a reader must reach from it in two clicks.
+#: The page a reader must reach from the site's home page in two clicks.
 FASTAPI_PAGE = "tutorials/fastapi/index.html"
-
 
 ALL_BLOCKS = [block for page in PAGES for block in blocks(page)]
 PYTHON = [block for block in ALL_BLOCKS if block.language == "python"]
@@ -86,11 +90,7 @@ def test_included_files_exist_and_are_examples_the_suite_runs() -> None:
 
 
 def test_every_example_is_shown_on_a_page() -> None:
-    included = {
-        match.group("path")
-        for page in (ROOT / "docs").rglob("*.md")
-        for match in INCLUDE.finditer(page.read_text("utf-8"))
-    }
+    included = {block.included for block in ALL_BLOCKS if block.included}
     examples = {
         str(path.relative_to(ROOT)) for path in (ROOT / "examples").iterdir()
         if path.suffix in (".py", ".yml", ".json")
@@ -198,10 +198,6 @@ def page_text(site: Path, page: str) -> str:
 
 
 def test_the_settings_reference_lists_every_field(site: Path) -> None:
-    import dataclasses
-
-    from perspective_asgi import Settings
-
     built = (site / "reference/settings/index.html").read_text("utf-8")
     text = page_text(site, "reference/settings/index.html")
     for field in dataclasses.fields(Settings):
@@ -211,8 +207,6 @@ def test_the_settings_reference_lists_every_field(site: Path) -> None:
 
 
 def test_the_cli_reference_is_the_parsers_help(site: Path) -> None:
-    from perspective_asgi import cli
-
     text = page_text(site, "reference/cli/index.html")
     parser = cli._parser()
     commands = next(action for action in parser._actions
@@ -225,9 +219,6 @@ def test_the_cli_reference_is_the_parsers_help(site: Path) -> None:
 
 
 def test_the_close_codes_and_metrics_references_list_everything(site: Path) -> None:
-    from perspective_asgi import CloseCode
-    from perspective_asgi.metrics import PrometheusObserver
-
     codes = page_text(site, "reference/close-codes/index.html")
     for code in CloseCode:
         assert f"{code.value}\n{code.name}" in codes, f"{code!r} is missing"
@@ -240,8 +231,6 @@ def test_the_close_codes_and_metrics_references_list_everything(site: Path) -> N
 
 
 def test_the_api_reference_documents_the_public_api(site: Path) -> None:
-    import perspective_asgi
-
     built = (site / "reference/api/index.html").read_text("utf-8")
     for name in perspective_asgi.__all__:
         assert f'id="perspective_asgi.{name}"' in built, f"{name} is not in the API reference"
