@@ -121,7 +121,6 @@ def test_run_blocks_run(block: Block, tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize(
     "block", [block for block in PYTHON if block.marker == "client"],
     ids=lambda block: block.where,
@@ -308,7 +307,6 @@ def test_the_readme_is_a_landing_page() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_serve_tutorial_commands_serve_the_file(tmp_path: Path) -> None:
     (block,) = blocks_marked(ROOT / "docs" / "tutorials" / "serve.md", "run", "serve")
     make, serve = block.body.strip().splitlines()

@@ -34,7 +34,7 @@ from ._helpers import (
 )
 from ._markdown import blocks_marked
 
-pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+pytestmark = pytest.mark.anyio
 
 PAGE = ROOT / "docs" / "how-to" / "reverse-proxy.md"
 #: The public name the page's configuration serves, and the origin of its pages.
@@ -81,17 +81,21 @@ def certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-@pytest.fixture
-async def proxied(tmp_path: Path) -> AsyncIterator[Proxied]:
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"  # at the scope of ``proxied``, which the module's tests share
+
+
+@pytest.fixture(scope="module")
+async def proxied(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Proxied]:
+    tmp_path = tmp_path_factory.mktemp("proxy")
     # Debian installs it in sbin, which a non-root PATH may lack.
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
     if nginx is None or shutil.which("openssl") is None:
         unavailable("nginx and openssl are not installed (apt-get install nginx-light)",
                     "the reverse proxy test")
-    (config,) = [block.body for block in blocks_marked(PAGE, "run", "reverse-proxy")
-                 if block.language == "nginx"]
-    (command,) = [block.body for block in blocks_marked(PAGE, "run", "reverse-proxy")
-                  if block.language == "sh"]
+    shown = {block.language: block.body for block in blocks_marked(PAGE, "run", "reverse-proxy")}
+    config, command = shown["nginx"], shown["sh"]
     app_port, proxy_port = free_port(), free_port()
     cert, key = certificate(tmp_path)
     server = substitute(config, {
@@ -102,12 +106,11 @@ async def proxied(tmp_path: Path) -> AsyncIterator[Proxied]:
         "proxy_read_timeout 120s;": f"proxy_read_timeout {READ_TIMEOUT}s;",
     })
     # The page's server block, in the smallest main configuration nginx runs in the foreground
-    # with, every file it writes in the test's directory.
+    # with, every file it writes in the test's directory (its error log: ``-e`` below).
     temp = " ".join(f"{kind}_temp_path {tmp_path}/{kind};"
                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (tmp_path / "nginx.conf").write_text(
-        f"daemon off; master_process off; pid {tmp_path}/nginx.pid;\n"
-        f"error_log {tmp_path}/error.log warn;\nevents {{}}\n"
+        f"daemon off; master_process off; pid {tmp_path}/nginx.pid;\nevents {{}}\n"
         f"http {{\naccess_log off;\n{temp}\n{server}\n}}\n"
     )
     args = substitute(command.strip(), {"--port 8000": f"--port {app_port}"}).split()
