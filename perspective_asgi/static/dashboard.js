@@ -60,14 +60,16 @@ async function tableConfig(client, name) {
 
 // One <section> of the page and its viewer, which shows `defaultTable(names)` (null for none)
 // as `defaults` configures it, unless it has a configuration of its own to put back. An
-// optional panel is hidden while it has no default table.
+// optional panel is hidden while it has no default table; `onSave` hears of each
+// configuration it keeps.
 class Panel {
-    constructor(section, { defaultTable, defaults, optional = false }) {
+    constructor(section, { defaultTable, defaults, optional = false, onSave = () => {} }) {
         this.section = section;
         this.viewer = section.querySelector("perspective-viewer");
         this.defaultTable = defaultTable;
         this.defaults = defaults;
         this.optional = optional;
+        this.onSave = onSave;
         // The configuration as last saved while connected; null until a table is shown.
         this.saved = null;
         this.updates = 0;
@@ -124,7 +126,7 @@ class Panel {
         // have lost its table.
         if (live && update === this.updates) {
             this.saved = config;
-            if (this === tablePanel) picker.value = config.table ?? "";
+            this.onSave(config);
         }
     }
 }
@@ -136,6 +138,7 @@ const tablePanel = new Panel(document.getElementById("table-panel"), {
         ...(await tableConfig(client, name)), settings: false, plugin: "Datagrid",
         plugin_config: {},
     }),
+    onSave: (config) => { picker.value = config.table ?? ""; },
 });
 // Shown when the server has "orders" and the viewer bundle has the chart plugin: one given
 // by PERSPECTIVE_ASGI_ASSET_URL may not.
